@@ -1,0 +1,147 @@
+"""The `mnist32` quality protocol (BENCHMARK.md): for each (model, method), quantize, sample from
+fixed noise, and measure every metric against the real data and against the FP model's samples
+from the same noise. Used by `benchmarks/quality.py` and `diffquant demo`.
+
+Resumable: each finished row is written to the JSON at once, and a re-run skips rows already there
+(for the same model, method and size); samples in progress are kept in the cache folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffquant.calibration.collect import CalibrationData, collect
+from diffquant.checkpoint import checkpoint_bytes, save
+from diffquant.config import get_recipe
+from diffquant.grids import save_grid
+from diffquant.io_utils import write_json
+from diffquant.metrics.evaluate import evaluate
+from diffquant.models import load, resolve
+from diffquant.pipelines import balanced_labels, sample_to_npz
+from diffquant.provenance import provenance
+from diffquant.quantize import quantize_
+
+SIZES = {"full": 5000, "quick": 1000}
+GRID_N = 40  # 4 rows of the 10 classes
+
+
+def model_fingerprint(model: str) -> str:
+    """Hash of the FP weights, so cached FP samples never outlive a retrained model."""
+    path = resolve(model)
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+class Protocol:
+    def __init__(self, n: int, seed: int = 0, steps: int = 20, cache: Path = Path("runs/cache"),
+                 calib_n: int = 64, progress: bool = True):
+        self.n, self.seed, self.steps, self.cache = n, seed, steps, Path(cache)
+        self.calib_n, self.progress = calib_n, progress
+        self.labels = balanced_labels(n)
+        self._calib: dict[str, CalibrationData] = {}
+
+    def _sample_file(self, model: str, method: str, n: int) -> Path:
+        return self.cache / "samples" / f"{model}-{model_fingerprint(model)}-{method}-s{self.seed}-t{self.steps}-n{n}.npz"
+
+    def fp_samples(self, model: str) -> np.ndarray:
+        """FP samples of the first n seeds; a cached larger set is sliced (sample i depends on i only)."""
+        pattern = self._sample_file(model, "fp", 0).name.replace("-n0.npz", "-n*.npz")
+        for f in sorted(self._sample_file(model, "fp", 0).parent.glob(pattern)):
+            have = int(f.stem.rsplit("-n", 1)[1])
+            if have >= self.n:
+                with np.load(f) as z:
+                    return z["images"][: self.n]
+        m, s = load(model)
+        return sample_to_npz(m, s, self.labels, self._sample_file(model, "fp", self.n), seed=self.seed,
+                             steps=self.steps, progress=self.progress, desc=f"{model} fp")
+
+    def calibration(self, model: str) -> CalibrationData:
+        if model not in self._calib:
+            m, s = load(model)
+            self._calib[model] = collect(m, s, n=self.calib_n, steps=self.steps, progress=self.progress)
+        return self._calib[model]
+
+    def build(self, model: str, method: str) -> tuple[torch.nn.Module, object, dict]:
+        """(model, scheduler, info) for a method: 'fp', a recipe name or file, or 'peer:<name>'."""
+        m, s = load(model)
+        info: dict = {"fp32_checkpoint_bytes": checkpoint_bytes(resolve(model))}
+        t0 = time.time()
+        if method == "fp":
+            info.update(effective_bits=32.0, checkpoint_bytes=info["fp32_checkpoint_bytes"])
+        elif method.startswith("peer:"):
+            from diffquant.peers import apply_peer
+
+            info.update(apply_peer(m, method[5:]))
+        else:
+            recipe = get_recipe(method)
+            needs = recipe.act is not None and recipe.act.mode == "static"
+            quantize_(m, recipe, calib=self.calibration(model) if needs else None)
+            with tempfile.TemporaryDirectory() as tmp:
+                save(m, Path(tmp) / "q", s, source=model)
+                meta = json.loads((Path(tmp) / "q" / "diffquant.json").read_text())
+            info.update(effective_bits=meta["effective_bits"], checkpoint_bytes=meta["checkpoint_bytes"],
+                        unquantized_weight_layers=meta["unquantized_weight_layers"])
+        info["quantize_s"] = round(time.time() - t0, 2)
+        return m, s, info
+
+    def run_one(self, model: str, method: str, grids: Path | None) -> dict:
+        ref = self.fp_samples(model)
+        m, s, info = self.build(model, method)
+        t0 = time.time()
+        if method == "fp":
+            images = ref
+        else:
+            f = self._sample_file(model, method.replace("/", "_").replace(":", "_"), self.n)
+            images = sample_to_npz(m, s, self.labels, f, seed=self.seed, steps=self.steps,
+                                   progress=self.progress, desc=f"{model} {method}")
+            f.unlink(missing_ok=True)  # only partial chunks are worth keeping (resume)
+        sample_s = time.time() - t0
+        t0 = time.time()
+        metrics = evaluate(images, self.labels, ref_images=ref)
+        row = {"model": model, "method": method, **metrics, **info,
+               "sample_s": round(sample_s, 1), "eval_s": round(time.time() - t0, 1)}
+        if grids is not None:
+            g = Path(grids) / f"{model}--{method.replace('/', '_').replace(':', '_')}.png"
+            save_grid(images[:GRID_N], g)
+            row["grid"] = g.name
+        return row
+
+
+def run_quality(models: list[str], methods: list[str], n: int, out: Path, seed: int = 0, steps: int = 20,
+                cache: Path = Path("runs/cache"), resume: bool = True, progress: bool = True, size: str = "") -> dict:
+    """Runs every (model, method) and writes `out` (JSON) after each row; grids go beside it."""
+    out = Path(out)
+    grids = out.parent / (out.stem + "-grids")
+    doc = {"benchmark": "mnist32", "size": size or str(n), "n": n, "seed": seed, "steps": steps,
+           "sampler": "ddim", "eta": 0.0, "rows": []}
+    if resume and out.exists():
+        old = json.loads(out.read_text())
+        if old.get("n") == n and old.get("seed") == seed and old.get("steps") == steps:
+            doc["rows"] = old.get("rows", [])
+    done = {(r["model"], r["method"]) for r in doc["rows"]}
+    proto = Protocol(n, seed, steps, cache, progress=progress)
+    t_start = time.time()
+    for model in models:
+        for method in methods:
+            if (model, method) in done:
+                continue
+            row = proto.run_one(model, method, grids)
+            doc["rows"].append(row)
+            doc.update(provenance())
+            doc["wall_time_s"] = round(doc.get("wall_time_s", 0) + time.time() - t_start, 1)
+            t_start = time.time()
+            doc["grids_dir"] = grids.name
+            write_json(out, doc)
+            if progress:
+                print(f"  {model:12s} {method:16s} bits {row['effective_bits']:6.2f}  FID {row['fid']:7.2f}  "
+                      f"FID-to-FP {row.get('fid_to_fp', 0):7.3f}  acc {row['class_accuracy']:.3f}", flush=True)
+    return doc

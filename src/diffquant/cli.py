@@ -1,0 +1,257 @@
+"""The `diffquant` command line. Every command has --help with an example."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from diffquant.config import RECIPES
+
+# Errors that are the user's to fix: shown as one clear line, never as a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError, FileExistsError)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from diffquant.data import DataError
+    from diffquant.models import ModelLoadError
+    from diffquant.serialization import CheckpointError
+
+    return USER_ERRORS + (ModelLoadError, CheckpointError, DataError)
+
+
+class Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _user_errors() as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            click.echo(f"error: {msg}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="diffquant")
+def main():
+    """diffquant: post-training quantization of diffusion models, real low-bit checkpoints, honest metrics.
+
+    \b
+    Example:
+      diffquant demo
+      diffquant quantize mnist-unet --recipe w4a8 --out runs/unet-w4a8
+      diffquant eval runs/unet-w4a8 --ref mnist-unet -n 1000 --json runs/unet-w4a8.json
+    """
+
+
+@main.command()
+@click.option("-n", "n", default=1000, show_default=True, help="samples per method (the 'quick' size)")
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(path_type=Path))
+@click.option("--model", default="mnist-unet", show_default=True)
+@click.option("--methods", default="fp,w8a8,w4a8,w2a8", show_default=True)
+def demo(n, out, model, methods):
+    """Quantize a built-in model with FP, W8A8, W4A8 and W2A8, evaluate, and write an HTML report.
+
+    \b
+    Example:
+      diffquant demo                  # mnist-unet, 1,000 samples per method, runs/demo/report.html
+    """
+    from diffquant.bench import run_quality
+    from diffquant.report import make_report
+
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    doc = run_quality([model], methods.split(","), n, out / "results.json", size="quick" if n == 1000 else str(n))
+    html = make_report([out / "results.json"], out / "report.html")
+    click.echo(f"\nreport: {html}  ({len(doc['rows'])} rows, {time.time() - t0:.0f} s)")
+
+
+@main.group()
+def zoo():
+    """The built-in models: list them, or reproduce them from scratch."""
+
+
+@zoo.command("list")
+def zoo_list():
+    """List the built-in models and whether their checkpoints are present.
+
+    \b
+    Example:
+      diffquant zoo list
+    """
+    from diffquant.zoo.registry import CHECKPOINT_DIR, ZOO
+
+    for name, s in ZOO.items():
+        present = (CHECKPOINT_DIR / name / "diffquant.json").exists()
+        click.echo(f"{name:12s} {'trained' if present else 'missing'}  {s.description}")
+
+
+@zoo.command("train")
+@click.argument("name")
+@click.option("--steps", type=int, default=None, help="override the spec's step count")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="default: the shipped checkpoint folder")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None, help="resumable training state")
+def zoo_train(name, steps, out, state_dir):
+    """Train a zoo model (mnist-unet, mnist-dit) or the feature network (features). Resumable: an
+    interrupted run continues from its last saved step when started again.
+
+    \b
+    Example:
+      diffquant zoo train mnist-unet
+      diffquant zoo train features
+    """
+    if name == "features":
+        from diffquant.metrics.features import train_feature_net
+
+        click.echo(json.dumps(train_feature_net(out), indent=2))
+        return
+    from diffquant.zoo.registry import spec
+    from diffquant.zoo.train import train
+
+    spec(name)
+    click.echo(f"wrote {train(name, out, state_dir, steps)}")
+
+
+def _labels(labels: str | None, n: int):
+    from diffquant.pipelines import balanced_labels, parse_labels
+
+    return balanced_labels(n) if labels is None else parse_labels(labels, n)
+
+
+@main.command()
+@click.argument("model")
+@click.option("-n", "n", default=64, show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help=".npz (images + labels) or .png (grid)")
+@click.option("--labels", default=None, help="e.g. '0-9' or '3' (default: balanced)")
+@click.option("--seed", default=0, show_default=True, help="sample i starts from the noise of seed + i")
+@click.option("--steps", default=20, show_default=True)
+@click.option("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
+@click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
+@click.option("--batch-size", default=250, show_default=True)
+def sample(model, n, out, labels, seed, steps, guidance, sampler, batch_size):
+    """Draw seeded samples from MODEL (a zoo name or a folder).
+
+    \b
+    Example:
+      diffquant sample mnist-unet -n 64 --out grid.png
+      diffquant sample runs/unet-w4a8 --labels 0-9 -n 1000 --out samples.npz
+    """
+    from diffquant.grids import save_grid
+    from diffquant.models import load
+    from diffquant.pipelines import sample_to_npz
+
+    if out.suffix not in (".npz", ".png"):
+        raise ValueError(f"--out must end in .npz or .png, got {out.name!r}")
+    m, s = load(model)
+    lab = _labels(labels, n)
+    npz = out if out.suffix == ".npz" else out.with_suffix(".npz.tmp-samples.npz")
+    images = sample_to_npz(m, s, lab, npz, seed=seed, steps=steps, guidance=guidance, sampler=sampler,
+                           batch_size=batch_size)
+    if out.suffix == ".png":
+        save_grid(images, out)
+        npz.unlink(missing_ok=True)
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--recipe", required=True, help=f"a named recipe ({', '.join(RECIPES)}) or a recipe .json file")
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--calib-n", default=64, show_default=True, help="images sampled for timestep-aware calibration")
+@click.option("--steps", default=20, show_default=True, help="sampling steps of the calibration trajectory")
+def quantize(model, recipe, out, calib_n, steps):
+    """Quantize MODEL with a recipe and write a packed low-bit folder, usable as MODEL everywhere.
+
+    \b
+    Example:
+      diffquant quantize mnist-unet --recipe w4a8 --out runs/unet-w4a8
+      diffquant quantize mnist-dit --recipe my_recipe.json --out runs/dit-custom
+    """
+    from diffquant.calibration.collect import collect
+    from diffquant.checkpoint import save
+    from diffquant.config import get_recipe
+    from diffquant.models import load
+    from diffquant.quantize import quantize_
+
+    cfg = get_recipe(recipe)
+    m, s = load(model)
+    calib = collect(m, s, n=calib_n, steps=steps) if cfg.act is not None and cfg.act.mode == "static" else None
+    quantize_(m, cfg, calib=calib, progress=True)
+    path = save(m, out, s, source=model)
+    meta = json.loads((path / "diffquant.json").read_text())
+    click.echo(f"wrote {path}: {meta['effective_bits']:.3f} effective bits, {meta['checkpoint_bytes']:,} bytes")
+
+
+@main.command("eval")
+@click.argument("model")
+@click.option("--ref", required=True, help="the FP reference model (zoo name or folder)")
+@click.option("-n", "n", default=1000, show_default=True)
+@click.option("--json", "json_out", required=True, type=click.Path(path_type=Path))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--steps", default=20, show_default=True)
+def eval_(model, ref, n, json_out, seed, steps):
+    """Sample MODEL and REF from the same noise and write every metric of the mnist32 protocol.
+
+    \b
+    Example:
+      diffquant eval runs/unet-w4a8 --ref mnist-unet -n 1000 --json runs/unet-w4a8-eval.json
+    """
+    from diffquant.checkpoint import checkpoint_bytes
+    from diffquant.io_utils import write_json
+    from diffquant.metrics.evaluate import evaluate
+    from diffquant.models import load, resolve
+    from diffquant.pipelines import balanced_labels, sample
+    from diffquant.provenance import provenance
+
+    labels = balanced_labels(n)
+    t0 = time.time()
+    r_model, r_sched = load(ref)
+    ref_images = sample(r_model, r_sched, labels, seed=seed, steps=steps, desc="ref")
+    m, s = load(model)
+    images = sample(m, s, labels, seed=seed, steps=steps, desc="model")
+    metrics = evaluate(images, labels, ref_images=ref_images)
+    meta_file = resolve(model) / "diffquant.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    metrics.update(
+        model=str(model), ref=str(ref), seed=seed, steps=steps,
+        effective_bits=meta.get("effective_bits", 32.0),
+        checkpoint_bytes=checkpoint_bytes(resolve(model)),
+        wall_time_s=round(time.time() - t0, 1), **provenance(),
+    )
+    write_json(json_out, metrics)
+    click.echo(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
+
+
+@main.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", default="report.html", show_default=True, type=click.Path(path_type=Path))
+def report(results, out):
+    """Make an HTML report (tables, sample grids, bits-vs-quality plots) from benchmark JSON files.
+
+    \b
+    Example:
+      diffquant report benchmarks/results/quality-full.json --out report.html
+    """
+    from diffquant.report import make_report
+
+    click.echo(f"wrote {make_report(list(results), out)}")
+
+
+@main.command()
+def recipes():
+    """List the named recipes.
+
+    \b
+    Example:
+      diffquant recipes
+    """
+    for name, r in RECIPES.items():
+        act = f"A{r.act.bits} {r.act.mode}" if r.act else "A16 (fp activations)"
+        click.echo(f"{name:8s} W{r.weight.bits} {r.weight.method} per-channel {r.weight.clip}, {act}, "
+                   "first/last layer W8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""`diffquant report`: one self-contained HTML page (images embedded) from benchmark JSON files:
+a table per model, the sample grids of every method from the same noise, and effective bits
+against FID-to-FP."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+from diffquant.io_utils import atomic_path
+
+COLUMNS = [
+    ("method", "method", "{}"), ("effective_bits", "eff. bits", "{:.3f}"), ("checkpoint_bytes", "ckpt bytes", "{:,}"),
+    ("fid", "FID", "{:.2f}"), ("sfid", "sFID", "{:.2f}"), ("is", "IS", "{:.2f}"),
+    ("precision", "prec.", "{:.3f}"), ("recall", "recall", "{:.3f}"), ("fid_to_fp", "FID-to-FP", "{:.3f}"),
+    ("class_accuracy", "class acc.", "{:.3f}"), ("psnr", "PSNR", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"),
+]
+
+
+def _img_tag(png: bytes, alt: str, width: int | None = None) -> str:
+    w = f' width="{width}"' if width else ""
+    return f'<img alt="{html.escape(alt)}"{w} src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _bits_plot(rows: list[dict], model: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
+    for r in rows:
+        if r["method"] == "fp":
+            continue
+        y = max(r.get("fid_to_fp", 0.0), 1e-3)
+        marker = "s" if r["method"].startswith("peer:") else "o"
+        ax.scatter(r["effective_bits"], y, marker=marker)
+        ax.annotate(r["method"].replace("peer:", ""), (r["effective_bits"], y), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlabel("effective weight bits (codes + scales + zeros + centroids)")
+    ax.set_ylabel("FID to FP samples (log)")
+    ax.set_title(f"{model}: bits vs. distance from the FP model")
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _table(rows: list[dict]) -> str:
+    head = "".join(f"<th>{h}</th>" for _, h, _ in COLUMNS)
+    body = []
+    for r in rows:
+        cells = []
+        for key, _, fmt in COLUMNS:
+            v = r.get(key)
+            cells.append(f"<td>{html.escape(fmt.format(v)) if v is not None else '-'}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def make_report(results: list[Path | str], out: Path | str) -> Path:
+    parts = ["<!doctype html><meta charset='utf-8'><title>diffquant report</title><style>"
+             "body{font-family:sans-serif;margin:2em;max-width:1300px} table{border-collapse:collapse;font-size:13px}"
+             "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right} th{background:#eee}"
+             ".grids{display:flex;flex-wrap:wrap;gap:12px} figure{margin:0} figcaption{font-size:12px}"
+             "</style><h1>diffquant report</h1>"]
+    for res in results:
+        res = Path(res)
+        doc = json.loads(res.read_text())
+        rows = doc.get("rows", [])
+        if not rows:
+            raise ValueError(f"{res} holds no result rows; run a benchmark first")
+        m = doc.get("machine", {})
+        parts.append(f"<h2>{html.escape(res.name)}</h2><p>benchmark {doc.get('benchmark')} · n={doc.get('n')} · "
+                     f"DDIM {doc.get('steps')} steps · seed {doc.get('seed')} · commit {doc.get('commit')} · "
+                     f"{html.escape(str(m.get('cpu')))} ({m.get('cores')} cores, torch {m.get('torch')}) · "
+                     f"wall {doc.get('wall_time_s')} s</p>")
+        grids_dir = res.parent / doc.get("grids_dir", "")
+        for model in dict.fromkeys(r["model"] for r in rows):
+            mrows = [r for r in rows if r["model"] == model]
+            parts.append(f"<h3>{html.escape(model)}</h3>")
+            parts.append(_table(mrows))
+            parts.append("<p>FID, sFID, IS, precision, recall: against the 5,000 real images; FID-to-FP, PSNR, "
+                         "SSIM: against the FP model's samples from the same noise. All with the shipped "
+                         "MNIST feature network.</p>")
+            parts.append(_img_tag(_bits_plot(mrows, model), f"{model} bits plot"))
+            figs = []
+            for r in mrows:
+                g = grids_dir / r.get("grid", "")
+                if r.get("grid") and g.exists():
+                    figs.append(f"<figure>{_img_tag(g.read_bytes(), r['method'], 360)}"
+                                f"<figcaption>{html.escape(r['method'])} (samples 0-39, same noise)"
+                                "</figcaption></figure>")
+            if figs:
+                parts.append(f"<div class='grids'>{''.join(figs)}</div>")
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        tmp.write_text("\n".join(parts))
+    return out

@@ -1,0 +1,105 @@
+"""The built-in models: what each one is, and how it is built from diffusers' own classes.
+
+Both are class-conditional MNIST denoisers with a null class (index 10) for classifier-free
+guidance. They use diffusers' UNet2DModel and DiTTransformer2DModel so that every code path that
+serves them serves a user's diffusers checkpoint too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of `diffquant zoo train` (the values that produced the shipped weights)."""
+
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1  # probability a label is replaced by the null class (CFG training)
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 100
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    name: str
+    cls: str  # the diffusers class name
+    config: dict
+    space_to_depth: int  # 2: the "latent" is the 32x32 image pixel-unshuffled to 16x16x4 (lossless)
+    guidance_scale: float
+    description: str
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+    "prediction_type": "epsilon",
+    "clip_sample": True,
+    "timestep_spacing": "trailing",
+}
+
+ZOO: dict[str, ZooSpec] = {
+    "mnist-unet": ZooSpec(
+        name="mnist-unet",
+        cls="UNet2DModel",
+        config=dict(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64, 128),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+            num_class_embeds=11,
+            norm_num_groups=8,
+            attention_head_dim=32,
+        ),
+        space_to_depth=2,
+        guidance_scale=2.0,
+        description="LDM-style U-Net (ResBlocks, self-attention at 8x8 and 4x4 and in the middle) "
+        "on a 16x16x4 pixel-unshuffled 'latent' of the 32x32 image",
+        train=TrainConfig(steps=2400, lr=1e-3),
+    ),
+    "mnist-dit": ZooSpec(
+        name="mnist-dit",
+        cls="DiTTransformer2DModel",
+        config=dict(
+            num_attention_heads=4,
+            attention_head_dim=32,
+            in_channels=1,
+            out_channels=1,
+            num_layers=6,
+            sample_size=32,
+            patch_size=4,
+            num_embeds_ada_norm=10,
+        ),
+        space_to_depth=1,
+        guidance_scale=2.0,
+        description="DiT with adaLN-zero, patch 4 (64 tokens), 6 blocks of width 128",
+        # diffusers' DiT label embedding drops labels with p=0.1 by itself in train mode
+        train=TrainConfig(steps=2000, lr=8e-4, label_dropout=0.0),
+    ),
+}
+
+
+def spec(name: str) -> ZooSpec:
+    if name not in ZOO:
+        raise KeyError(
+            f"Unknown zoo model {name!r}. Known: {', '.join(sorted(ZOO))}. "
+            "Or pass the path of a diffusers model folder."
+        )
+    return ZOO[name]
+
+
+def spec_dict(s: ZooSpec) -> dict:
+    return asdict(s)

@@ -1,0 +1,97 @@
+import json
+
+import pytest
+import torch
+
+import diffquant as dq
+from diffquant.config import QuantConfig, WeightConfig
+from diffquant.nn.layers import QuantConv2d, QuantLinear
+from diffquant.nn.swap import quantizable_layers
+from diffquant.serialization import CheckpointError
+
+
+def _eps(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    x = torch.randn(3, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
+    with torch.no_grad():
+        return model(x, torch.tensor([10, 500, 900]), class_labels=torch.tensor([1, 2, 10])).sample
+
+
+@pytest.mark.parametrize("fixture", ["tiny_unet", "tiny_dit"])
+def test_quantize_replaces_every_selected_layer(fixture, request, scheduler):
+    model = request.getfixturevalue(fixture)
+    n = len(quantizable_layers(model))
+    dq.quantize_(model, dq.get_recipe("w4a16"))
+    q = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+    assert len(q) == n and not quantizable_layers(model)
+
+
+def test_w8_is_close_and_w2_is_far(tiny_unet):
+    import copy
+
+    ref = _eps(tiny_unet)
+    errs = {}
+    for r in ("w8a16", "w2a16"):
+        m = copy.deepcopy(tiny_unet)
+        dq.quantize_(m, QuantConfig(r, WeightConfig("uniform", int(r[1]))))
+        errs[r] = float((_eps(m) - ref).pow(2).mean() / ref.pow(2).mean())
+    assert errs["w8a16"] < 1e-3 < errs["w2a16"]
+
+
+def test_include_exclude_patterns(tiny_unet):
+    dq.quantize_(tiny_unet, QuantConfig(include=("down_blocks.*",), exclude=("*attentions*",)))
+    names = {n for n, m in tiny_unet.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))}
+    assert names and all(n.startswith("down_blocks.") and "attentions" not in n for n in names)
+
+
+def test_io_layers_stay_at_8_bits(tiny_unet):
+    dq.quantize_(tiny_unet, dq.get_recipe("w4a16"))
+    assert tiny_unet.conv_in.qweight.spec.bits == 8 and tiny_unet.conv_out.qweight.spec.bits == 8
+    assert tiny_unet.down_blocks[0].resnets[0].conv1.qweight.spec.bits == 4
+
+
+@pytest.mark.parametrize("recipe", ["w4a8", "w3a8"])
+def test_save_load_round_trip_is_bit_exact(recipe, tiny_unet, scheduler, tmp_path):
+    calib = dq.collect(tiny_unet, scheduler, n=4, steps=3, batch_size=4, progress=False)
+    dq.quantize_(tiny_unet, dq.get_recipe(recipe), calib=calib)
+    path = dq.save(tiny_unet, tmp_path / "q", scheduler)
+    loaded, _ = dq.load(path)
+    assert torch.equal(_eps(loaded), _eps(tiny_unet))
+    meta = json.loads((path / "diffquant.json").read_text())
+    assert meta["checkpoint_bytes"] == (path / "quantized.safetensors").stat().st_size
+
+
+def test_low_bit_checkpoint_is_small(tiny_dit, scheduler, tmp_path):
+    fp_bytes = sum(p.numel() * 4 for p in tiny_dit.parameters())
+    dq.quantize_(tiny_dit, dq.get_recipe("w2a16"))
+    path = dq.save(tiny_dit, tmp_path / "q", scheduler)
+    assert (path / "quantized.safetensors").stat().st_size < 0.35 * fp_bytes
+
+
+def test_truncated_checkpoint_is_a_clear_error(tiny_dit, scheduler, tmp_path):
+    dq.quantize_(tiny_dit, dq.get_recipe("w4a16"))
+    path = dq.save(tiny_dit, tmp_path / "q", scheduler)
+    f = path / "quantized.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        dq.load(path)
+
+
+def test_static_activations_without_calibration_say_how_to_fix(tiny_dit):
+    with pytest.raises(ValueError, match="calib"):
+        dq.quantize_(tiny_dit, dq.get_recipe("w4a8"))
+
+
+def test_impossible_group_size_names_the_layer(tiny_dit):
+    with pytest.raises(ValueError, match="does not divide"):
+        dq.quantize_(tiny_dit, QuantConfig(weight=WeightConfig("uniform", 4, group_size=7)))
+
+
+def test_recipe_json_round_trip(tmp_path):
+    r = dq.get_recipe("w4a6")
+    r.to_json(tmp_path / "r.json")
+    assert dq.get_recipe(str(tmp_path / "r.json")) == r
+    (tmp_path / "bad.json").write_text('{"weight": {"bits": 4}, "colour": 1}')
+    with pytest.raises(ValueError, match="colour"):
+        dq.get_recipe(str(tmp_path / "bad.json"))
