@@ -26,3 +26,31 @@ def test_labels():
     assert parse_labels("1-3", 4).tolist() == [1, 2, 3, 1]
     with pytest.raises(ValueError, match="0..9"):
         parse_labels("12", 2)
+
+
+def test_sampling_to_file_resumes_after_an_interruption(tiny_dit, scheduler, tmp_path, monkeypatch):
+    import numpy as np
+
+    import diffquant.pipelines as pl
+
+    labels = balanced_labels(6)
+    out = tmp_path / "s.npz"
+    real = pl.sample_batch
+    calls = []
+
+    def flaky(*a, **k):
+        calls.append(a[3])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(pl, "sample_batch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        pl.sample_to_npz(tiny_dit, scheduler, labels, out, steps=2, batch_size=2, progress=False)
+    assert not out.exists()  # nothing half-written
+    calls.clear()
+    monkeypatch.setattr(pl, "sample_batch", lambda *a, **k: (calls.append(a[3]), real(*a, **k))[1])
+    imgs = pl.sample_to_npz(tiny_dit, scheduler, labels, out, steps=2, batch_size=2, progress=False)
+    assert calls == [2, 4]  # the first batch was not redone
+    full = pl.to_uint8(sample(tiny_dit, scheduler, labels, steps=2, progress=False))
+    assert np.abs(imgs.astype(int) - full.astype(int)).max() <= 1

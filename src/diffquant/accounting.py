@@ -11,15 +11,14 @@ from diffquant.nn.swap import quantizable_layers
 
 def bit_report(model: nn.Module) -> dict:
     q_bits = q_weights = 0
-    fp_layers, per_layer = [], {}
+    per_layer = {}
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLayer):
             b = mod.qweight.stored_bits()
             q_bits += b
             q_weights += mod.qweight.numel
             per_layer[name] = round(b / mod.qweight.numel, 4)
-    for name, mod in quantizable_layers(model).items():
-        fp_layers.append(name)
+    fp_layers = list(quantizable_layers(model))
     params = sum(p.numel() for p in model.parameters()) + sum(
         m.qweight.numel for m in model.modules() if isinstance(m, QuantLayer))
     return {

@@ -50,7 +50,8 @@ class Protocol:
         self._calib: dict[str, CalibrationData] = {}
 
     def _sample_file(self, model: str, method: str, n: int) -> Path:
-        return self.cache / "samples" / f"{model}-{model_fingerprint(model)}-{method}-s{self.seed}-t{self.steps}-n{n}.npz"
+        name = f"{model}-{model_fingerprint(model)}-{method}-s{self.seed}-t{self.steps}-n{n}.npz"
+        return self.cache / "samples" / name
 
     def fp_samples(self, model: str) -> np.ndarray:
         """FP samples of the first n seeds; a cached larger set is sliced (sample i depends on i only)."""

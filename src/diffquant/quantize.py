@@ -40,7 +40,8 @@ def quantize_(model: nn.Module, config: QuantConfig, calib: CalibrationData | No
     io = io_layer_names(model)
     layers = {k: v for k, v in quantizable_layers(model).items() if config.selects(k)}
     if not layers:
-        raise ValueError(f"recipe {config.name!r} selects no layer (include={config.include}, exclude={config.exclude})")
+        raise ValueError(f"recipe {config.name!r} selects no layer "
+                         f"(include={config.include}, exclude={config.exclude})")
     for name, mod in tqdm(layers.items(), desc=f"quantize {config.name}", disable=not progress):
         wc = config.weight_for(name, io)
         if wc.method == "fp":

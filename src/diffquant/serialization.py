@@ -79,7 +79,8 @@ def load_quantized(path: Path, skeleton: nn.Module, qmeta: dict) -> nn.Module:
         try:
             qw = fmt.from_packed(state, entry["weight"])
         except (KeyError, ValueError) as e:
-            raise CheckpointError(f"{f}: layer {name} cannot be rebuilt ({e}); the file is truncated or corrupt.") from None
+            raise CheckpointError(
+                f"{f}: layer {name} cannot be rebuilt ({e}); the file is truncated or corrupt.") from None
         act = ActSpec(**entry["act"]) if entry["act"] else None
         bias = torch.zeros(qw.shape[0]) if entry["bias"] else None
         mod = QuantLinear(qw, bias, act) if entry["kind"] == "linear" else QuantConv2d(qw, bias, entry["conv"], act)

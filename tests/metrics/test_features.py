@@ -30,9 +30,11 @@ def test_fid_of_real_halves_is_small_and_of_noise_is_huge():
 
 def test_real_images_score_as_real():
     data = load_mnist()
-    imgs = ((data.images[:1000] + 1) * 127.5).round().to(torch.uint8).numpy()
-    m = evaluate(imgs, data.labels[:1000], ref_images=imgs)
-    assert m["class_accuracy"] > 0.97 and m["fid_to_fp"] == pytest.approx(0, abs=1e-6) and m["is"] > 8
+    idx = torch.randperm(5000, generator=torch.Generator().manual_seed(0))[:1000]
+    imgs = ((data.images[idx] + 1) * 127.5).round().to(torch.uint8).numpy()
+    m = evaluate(imgs, data.labels[idx], ref_images=imgs)
+    assert m["class_accuracy"] > 0.97 and m["fid_to_fp"] == pytest.approx(0, abs=1e-6) and m["is"] > 7  # label smoothing caps confidence
+    assert m["fid"] < 3 and m["precision"] > 0.8 and m["recall"] > 0.8
 
 
 def test_inception_layout_can_be_swapped_in(tmp_path):
@@ -40,11 +42,12 @@ def test_inception_layout_can_be_swapped_in(tmp_path):
     net = FIDInceptionV3()
     torch.save(net.state_dict(), tmp_path / "incep.pth")
     ext = load_extractor(f"inception:{tmp_path / 'incep.pth'}")
-    imgs = torch.rand(6, 1, 32, 32) * 2 - 1
+    imgs = torch.rand(3, 1, 32, 32) * 2 - 1
     out = ext(imgs)
-    assert out["pool"].shape == (6, 2048) and out["spatial"].shape == (6, 7 * 17 * 17) and out["logits"].shape == (6, 1008)
-    m = evaluate(imgs, torch.arange(6), ref_images=imgs, extractor=ext, real_images=torch.rand(6, 1, 32, 32) * 2 - 1,
-                 k=2)
+    assert out["pool"].shape == (3, 2048) and out["logits"].shape == (3, 1008)
+    assert out["spatial"].shape == (3, 7 * 17 * 17)
+    m = evaluate(imgs, torch.arange(3), ref_images=imgs, extractor=ext, real_images=torch.rand(3, 1, 32, 32) * 2 - 1,
+                 k=1)
     assert m["fid_to_fp"] == pytest.approx(0, abs=1e-6) and m["fid"] > 0
 
 

@@ -6,8 +6,11 @@ import torch
 
 
 def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
-    """(mean, std) over `splits` equal parts, as in the original IS code."""
+    """(mean, std) over `splits` equal parts, as in the original IS code. The images are put in a
+    fixed random order first: the original assumes shuffled inputs, and a class-sorted set (such as
+    the MNIST file) would otherwise give splits of one class each and an IS of 1."""
     probs = torch.softmax(logits.double(), dim=1)
+    probs = probs[torch.randperm(len(probs), generator=torch.Generator().manual_seed(0))]
     scores = []
     for part in probs.chunk(splits):
         py = part.mean(0, keepdim=True)

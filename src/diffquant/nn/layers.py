@@ -61,7 +61,8 @@ class QuantConv2d(QuantLayer):
         return F.conv2d(self._input(x), self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.qweight.shape)}, stride={self.stride}, {self.qweight.format}, {self.qweight.meta()['spec']}"
+        spec = self.qweight.meta()["spec"]
+        return f"{tuple(self.qweight.shape)}, stride={self.stride}, {self.qweight.format}, {spec}"
 
 
 def conv_geometry(conv: nn.Conv2d) -> dict:

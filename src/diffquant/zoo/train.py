@@ -85,7 +85,7 @@ def train(name: str, out: Path | None = None, state_dir: Path | None = None, ste
         opt.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
+            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
                 pe.lerp_(pm, 1 - decay)
         losses.append(loss.item())
         step += 1
