@@ -33,7 +33,8 @@ def test_real_images_score_as_real():
     idx = torch.randperm(5000, generator=torch.Generator().manual_seed(0))[:1000]
     imgs = ((data.images[idx] + 1) * 127.5).round().to(torch.uint8).numpy()
     m = evaluate(imgs, data.labels[idx], ref_images=imgs)
-    assert m["class_accuracy"] > 0.97 and m["fid_to_fp"] == pytest.approx(0, abs=1e-6) and m["is"] > 7  # label smoothing caps confidence
+    assert m["class_accuracy"] > 0.97 and m["fid_to_fp"] == pytest.approx(0, abs=1e-6)
+    assert m["is"] > 7  # the feature net's label smoothing caps its confidence below 10
     assert m["fid"] < 3 and m["precision"] > 0.8 and m["recall"] > 0.8
 
 
