@@ -49,9 +49,10 @@ def latent_shape(model: torch.nn.Module) -> tuple[int, int, int]:
     return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
 
 
-def predict_noise(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance: float,
+def guided_output(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance: float,
                   null_class: int) -> torch.Tensor:
-    """Classifier-free guided epsilon; one batched call for the conditional and null halves."""
+    """Classifier-free guided model output (epsilon or v, as the scheduler's prediction_type says);
+    one batched call for the conditional and the null halves."""
     if guidance == 1.0:
         return model(x, t, class_labels=labels).sample
     both = model(torch.cat([x, x]), torch.cat([t, t]),
@@ -82,10 +83,10 @@ def sample_batch(model, scheduler, labels: torch.Tensor, first_index: int, seed:
         if callback is not None:
             callback(i, int(t))
         tt = torch.full((len(x),), int(t), dtype=torch.long)
-        eps = predict_noise(model, scheduler.scale_model_input(x, t), tt, labels, guidance, meta.null_class)
+        out = guided_output(model, scheduler.scale_model_input(x, t), tt, labels, guidance, meta.null_class)
         kwargs = {"eta": eta} if sampler == "ddim" else {}
         needs_noise = sampler == "ddpm" or eta > 0
-        x = scheduler.step(eps, t, x, generator=gens if needs_noise else None, **kwargs).prev_sample
+        x = scheduler.step(out, t, x, generator=gens if needs_noise else None, **kwargs).prev_sample
     return from_model_space(x, meta.space_to_depth).clamp(-1, 1)
 
 

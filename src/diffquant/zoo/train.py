@@ -1,4 +1,4 @@
-"""`diffquant zoo train NAME`: reproduces a zoo denoiser from scratch (DDPM epsilon objective, EMA,
+"""`diffquant zoo train NAME`: reproduces a zoo denoiser from scratch (DDPM v-prediction objective, EMA,
 classifier-free-guidance label dropout). Resumable: a training state is saved every
 `checkpoint_every` steps and picked up again by the next call with the same state folder."""
 
@@ -78,7 +78,8 @@ def train(name: str, out: Path | None = None, state_dir: Path | None = None, ste
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
         pred = model(xt, t, class_labels=labels).sample
-        loss = F.mse_loss(pred, noise)
+        target = noise if noise_sched.config.prediction_type == "epsilon" else noise_sched.get_velocity(x0, noise, t)
+        loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
