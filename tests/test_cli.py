@@ -74,3 +74,31 @@ def test_sample_writes_npz_and_png(tmp_path, tiny_unet, scheduler):
     res = CliRunner().invoke(main, ["sample", str(tmp_path / "m"), "-n", "3", "--steps", "2",
                                     "--out", str(tmp_path / "g.png")])
     assert res.exit_code == 0 and (tmp_path / "g.png").exists()
+
+
+def test_quantize_then_eval_end_to_end(tmp_path, monkeypatch, scheduler):
+    """The CLI contract: quantize writes a folder usable as MODEL; eval writes every metric."""
+    import json
+
+    import torch
+    from diffusers import DiTTransformer2DModel
+
+    from diffquant.models import ModelMeta, save_fp
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+                                num_layers=1, sample_size=32, patch_size=8, num_embeds_ada_norm=10).eval()
+    dit.dq_meta = ModelMeta(name="tiny32")
+    save_fp(dit, scheduler, tmp_path / "fp")
+    run = CliRunner().invoke
+    res = run(main, ["quantize", "fp", "--recipe", "w4a8", "--out", "q", "--calib-n", "4", "--steps", "2"])
+    assert res.exit_code == 0, res.output
+    res = run(main, ["eval", "q", "--ref", "fp", "-n", "20", "--steps", "2", "--json", "e.json"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "e.json").read_text())
+    for key in ("fid", "sfid", "is", "precision", "recall", "fid_to_fp", "class_accuracy", "psnr", "ssim",
+                "effective_bits", "checkpoint_bytes", "commit", "machine"):
+        assert key in m, key
+    assert 4 < m["effective_bits"] < 6  # W4 body, W8 first/last layer: a large share of this tiny model
+    assert m["checkpoint_bytes"] == (tmp_path / "q/quantized.safetensors").stat().st_size

@@ -53,17 +53,26 @@ class Protocol:
         name = f"{model}-{model_fingerprint(model)}-{method}-s{self.seed}-t{self.steps}-n{n}.npz"
         return self.cache / "samples" / name
 
-    def fp_samples(self, model: str) -> np.ndarray:
-        """FP samples of the first n seeds; a cached larger set is sliced (sample i depends on i only)."""
-        pattern = self._sample_file(model, "fp", 0).name.replace("-n0.npz", "-n*.npz")
-        for f in sorted(self._sample_file(model, "fp", 0).parent.glob(pattern)):
-            have = int(f.stem.rsplit("-n", 1)[1])
-            if have >= self.n:
+    def samples(self, model: str, tag: str = "fp", loaded=None, keep: bool = True) -> np.ndarray:
+        """Samples of the first n seeds, cached under the weights' fingerprint (a cached larger set is
+        sliced: sample i depends on i only) and resumable. `loaded` = (model, scheduler) to sample a
+        model object (a quantized one) rather than loading `model`; keep=False drops the finished file."""
+        tag = tag.replace("/", "_").replace(":", "_")
+        pattern = self._sample_file(model, tag, 0).name.replace("-n0.npz", "-n*.npz")
+        for f in sorted(self._sample_file(model, tag, 0).parent.glob(pattern)):
+            if int(f.stem.rsplit("-n", 1)[1]) >= self.n:
                 with np.load(f) as z:
                     return z["images"][: self.n]
-        m, s = load(model)
-        return sample_to_npz(m, s, self.labels, self._sample_file(model, "fp", self.n), seed=self.seed,
-                             steps=self.steps, progress=self.progress, desc=f"{model} fp")
+        m, s = loaded if loaded is not None else load(model)
+        f = self._sample_file(model, tag, self.n)
+        images = sample_to_npz(m, s, self.labels, f, seed=self.seed, steps=self.steps, progress=self.progress,
+                               desc=f"{model} {tag}")
+        if not keep:
+            f.unlink(missing_ok=True)
+        return images
+
+    def fp_samples(self, model: str) -> np.ndarray:
+        return self.samples(model, "fp")
 
     def calibration(self, model: str) -> CalibrationData:
         if model not in self._calib:
@@ -98,13 +107,8 @@ class Protocol:
         ref = self.fp_samples(model)
         m, s, info = self.build(model, method)
         t0 = time.time()
-        if method == "fp":
-            images = ref
-        else:
-            f = self._sample_file(model, method.replace("/", "_").replace(":", "_"), self.n)
-            images = sample_to_npz(m, s, self.labels, f, seed=self.seed, steps=self.steps,
-                                   progress=self.progress, desc=f"{model} {method}")
-            f.unlink(missing_ok=True)  # only partial chunks are worth keeping (resume)
+        # a method's finished samples are not kept: only its partial chunks matter (resume)
+        images = ref if method == "fp" else self.samples(model, method, loaded=(m, s), keep=False)
         sample_s = time.time() - t0
         t0 = time.time()
         metrics = evaluate(images, self.labels, ref_images=ref)

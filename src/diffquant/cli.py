@@ -193,25 +193,24 @@ def quantize(model, recipe, out, calib_n, steps):
 @click.option("--steps", default=20, show_default=True)
 def eval_(model, ref, n, json_out, seed, steps):
     """Sample MODEL and REF from the same noise and write every metric of the mnist32 protocol.
+    Samples are cached under runs/cache (keyed by the weights' hash) and resume after an interruption.
 
     \b
     Example:
       diffquant eval runs/unet-w4a8 --ref mnist-unet -n 1000 --json runs/unet-w4a8-eval.json
     """
+    from diffquant.bench import Protocol
     from diffquant.checkpoint import checkpoint_bytes
     from diffquant.io_utils import write_json
     from diffquant.metrics.evaluate import evaluate
-    from diffquant.models import load, resolve
-    from diffquant.pipelines import balanced_labels, sample
+    from diffquant.models import resolve
     from diffquant.provenance import provenance
 
-    labels = balanced_labels(n)
     t0 = time.time()
-    r_model, r_sched = load(ref)
-    ref_images = sample(r_model, r_sched, labels, seed=seed, steps=steps, desc="ref")
-    m, s = load(model)
-    images = sample(m, s, labels, seed=seed, steps=steps, desc="model")
-    metrics = evaluate(images, labels, ref_images=ref_images)
+    proto = Protocol(n, seed, steps)  # samples are cached per weights and resumable
+    ref_images = proto.samples(ref, "fp")
+    images = proto.samples(str(model), "eval")
+    metrics = evaluate(images, proto.labels, ref_images=ref_images)
     meta_file = resolve(model) / "diffquant.json"
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
     metrics.update(

@@ -1,7 +1,6 @@
 """The shipped zoo checkpoints meet their bar (slow: samples with the real models)."""
 
 import pytest
-import torch
 
 from diffquant.metrics.features import load_feature_net
 from diffquant.models import load
