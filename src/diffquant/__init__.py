@@ -8,6 +8,7 @@ honest metrics.
     dq.save(model, "runs/unet-w4a8", scheduler)
 """
 
+from diffquant import _quiet  # noqa: F401  (first: before anything imports diffusers)
 from diffquant import calibration as calibrate  # noqa: F401  (dq.calibrate.collect)
 from diffquant.calibration.collect import CalibrationData, collect
 from diffquant.checkpoint import save
