@@ -68,7 +68,9 @@ ZOO: dict[str, ZooSpec] = {
             attention_head_dim=32,
         ),
         space_to_depth=2,
-        guidance_scale=2.0,
+        # measured on 200 samples, 20 DDIM steps: classifier agreement 92% at 1.0, 97.5% at 1.5,
+        # 81.5% at 2.0, 38% at 3.0 (strong guidance with few deterministic steps distorts the digits)
+        guidance_scale=1.5,
         description="LDM-style U-Net (ResBlocks, self-attention at 8x8 and 4x4 and in the middle) "
         "on a 16x16x4 pixel-unshuffled 'latent' of the 32x32 image",
         train=TrainConfig(steps=1800, lr=1e-3),
