@@ -5,14 +5,15 @@ from diffquant.nn.act import ActQuantizer, ActSpec
 
 
 def test_static_quantizer_fits_range_over_all_observed_batches():
+    g = torch.Generator().manual_seed(0)
     q = ActQuantizer(ActSpec(8, "static"))
     q.start_observing()
     for scale in (0.1, 1.0, 3.0):  # e.g. three timesteps with different ranges
-        q(torch.randn(64, 32) * scale)
+        q(torch.randn(64, 32, generator=g) * scale)
     q.finish_observing()
-    x = torch.randn(64, 32) * 3.0
-    assert float((q(x) - x).abs().max()) < 0.5
-    assert float(q.hi) > 3.0  # the widest timestep decides the range
+    x = torch.randn(64, 32, generator=g) * 3.0
+    assert float((q(x) - x).pow(2).mean() / x.pow(2).mean()) < 1e-3
+    assert float(q.hi) > 6.0  # the widest timestep decides the range (up to MSE-optimal clipping)
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
