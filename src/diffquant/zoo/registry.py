@@ -89,7 +89,7 @@ ZOO: dict[str, ZooSpec] = {
             num_embeds_ada_norm=10,
         ),
         space_to_depth=1,
-        guidance_scale=2.0,
+        guidance_scale=1.5,  # at 1,900 steps: 84% classifier agreement at 1.5, 68% at 2.0
         description="DiT with adaLN-zero, patch 4 (64 tokens), 6 blocks of width 128",
         # diffusers' DiT label embedding drops labels with p=0.1 by itself in train mode
         # 3400 steps: at 900 steps the DiT still drew blotchy, patchy digits (the U-Net was readable).
