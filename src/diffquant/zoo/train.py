@@ -25,7 +25,8 @@ from diffquant.zoo.registry import CHECKPOINT_DIR, SCHEDULER_CONFIG, spec, spec_
 def _lr_at(step: int, cfg) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    total = cfg.schedule_steps or cfg.steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
