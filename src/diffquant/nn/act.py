@@ -49,13 +49,14 @@ class ActQuantizer(nn.Module):
     def extra_repr(self) -> str:
         return f"bits={self.spec.bits}, mode={self.spec.mode}"
 
-    def start_observing(self) -> None:
+    def start_observing(self, seed: int = 0) -> None:
         self._observed = []
+        self._gen = torch.Generator().manual_seed(seed)  # subsampling is repeatable: same ranges every run
 
     def observe(self, x: torch.Tensor, max_values: int = 65536) -> None:
         flat = x.detach().reshape(-1)
         if flat.numel() > max_values:  # keep the extremes plus a uniform subsample
-            idx = torch.randint(0, flat.numel(), (max_values - 2,))
+            idx = torch.randint(0, flat.numel(), (max_values - 2,), generator=self._gen)
             flat = torch.cat([flat[idx], flat.min()[None], flat.max()[None]])
         self._observed.append(flat.float())
 
