@@ -132,6 +132,7 @@ def run_quality(models: list[str], methods: list[str], n: int, out: Path, seed: 
         old = json.loads(out.read_text())
         if old.get("n") == n and old.get("seed") == seed and old.get("steps") == steps:
             doc["rows"] = old.get("rows", [])
+            doc["wall_time_s"] = old.get("wall_time_s", 0)  # accumulated over resumed segments
     done = {(r["model"], r["method"]) for r in doc["rows"]}
     proto = Protocol(n, seed, steps, cache, progress=progress)
     t_start = time.time()
