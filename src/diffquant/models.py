@@ -129,13 +129,9 @@ def load(model: str | Path) -> tuple[torch.nn.Module, DDIMScheduler]:
 def default_meta(model: torch.nn.Module, name: str) -> ModelMeta:
     """Meta for a plain diffusers model: classes from its label embedding, null class last."""
     cfg = model.config
-    if isinstance(model, UNet2DModel):
-        n = int(cfg.num_class_embeds or 1) - 1
-        chans, size = cfg.in_channels, cfg.sample_size
-    else:
-        n = int(cfg.num_embeds_ada_norm)
-        chans, size = cfg.in_channels, cfg.sample_size
-    return ModelMeta(name=name, num_classes=n, null_class=n, image_size=size, image_channels=chans)
+    n = int(cfg.num_class_embeds or 1) - 1 if isinstance(model, UNet2DModel) else int(cfg.num_embeds_ada_norm)
+    return ModelMeta(name=name, num_classes=n, null_class=n, image_size=cfg.sample_size,
+                     image_channels=cfg.in_channels)
 
 
 def meta_of(model: torch.nn.Module) -> ModelMeta:
