@@ -4,7 +4,6 @@ layer. Loading rebuilds exactly the weights that were saved: no recomputation, b
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -93,7 +92,3 @@ def load_quantized(path: Path, skeleton: nn.Module, qmeta: dict) -> nn.Module:
                               "or was written for another model. Fix: re-run `diffquant quantize`.")
     skeleton.load_state_dict(rest, strict=True)
     return skeleton
-
-
-def read_meta(path: Path) -> dict:
-    return json.loads((Path(path) / "diffquant.json").read_text())
