@@ -88,10 +88,66 @@ def test_impossible_group_size_names_the_layer(tiny_dit):
         dq.quantize_(tiny_dit, QuantConfig(weight=WeightConfig("uniform", 4, group_size=7)))
 
 
-def test_recipe_json_round_trip(tmp_path):
-    r = dq.get_recipe("w4a6")
+@pytest.mark.parametrize("name", ["w4a6", "aq-w2a8", "aq-w1.5a8-noft"])
+def test_recipe_json_round_trip(tmp_path, name):
+    r = dq.get_recipe(name)
     r.to_json(tmp_path / "r.json")
     assert dq.get_recipe(str(tmp_path / "r.json")) == r
     (tmp_path / "bad.json").write_text('{"weight": {"bits": 4}, "colour": 1}')
     with pytest.raises(ValueError, match="colour"):
         dq.get_recipe(str(tmp_path / "bad.json"))
+
+
+def test_aq_config_quantizes_saves_and_loads_bit_exactly(tiny_unet, scheduler, tmp_path):
+    calib = dq.collect(tiny_unet, scheduler, n=4, steps=3, batch_size=4, progress=False)
+    fast = dq.methods.aquatic.AQSearch(adam_steps=10, max_rounds=1, kmeans_iters=4)
+    dq.quantize_(tiny_unet, dq.AQConfig(target_bits=3.0), calib=calib, search=fast)
+    convs = [m for m in tiny_unet.modules() if isinstance(m, QuantConv2d) and m.qweight.shape[-1] == 3]
+    aq = [m for m in convs if m.qweight.format == "additive"]
+    assert aq and all(m.qweight.spec.group == 9 for m in aq)  # KAQ: one kernel slice per group
+    # layers too small for any codebook to pay off fall back to uniform, and the log says so
+    small = [n for n, e in tiny_unet.dq_aq_log.items() if "fallback" in e]
+    assert all(tiny_unet.get_submodule(n).qweight.format == "uniform" for n in small)
+    path = dq.save(tiny_unet, tmp_path / "q", scheduler)
+    loaded, _ = dq.load(path)
+    assert torch.equal(_eps(loaded), _eps(tiny_unet))
+
+
+def test_aq_resumes_from_finished_layers(tiny_dit, scheduler, tmp_path):
+    import copy
+
+    calib = dq.collect(tiny_dit, scheduler, n=4, steps=3, batch_size=4, progress=False)
+    fast = dq.methods.aquatic.AQSearch(adam_steps=10, max_rounds=1, kmeans_iters=4)
+    first = dq.quantize_(copy.deepcopy(tiny_dit), dq.AQConfig(3.0, act_bits=None), calib=calib, search=fast,
+                         resume_dir=tmp_path / "layers")
+    again = dq.quantize_(copy.deepcopy(tiny_dit), dq.AQConfig(3.0, act_bits=None), calib=calib, search=fast,
+                         resume_dir=tmp_path / "layers")
+    searched = [e for e in again.dq_aq_log.values() if "fallback" not in e]
+    assert searched and all(e.get("resumed") for e in searched)
+    assert torch.equal(_eps(first), _eps(again))
+
+
+def test_aq_without_calibration_says_how_to_fix(tiny_dit):
+    with pytest.raises(ValueError, match="calib"):
+        dq.quantize_(tiny_dit, dq.get_recipe("aq-w2a16"))
+
+
+def test_finetuning_recipe_without_scheduler_says_how_to_fix(tiny_dit, scheduler):
+    calib = dq.collect(tiny_dit, scheduler, n=4, steps=3, batch_size=4, progress=False)
+    with pytest.raises(ValueError, match="scheduler"):
+        dq.quantize_(tiny_dit, dq.get_recipe("aq-w2a8"), calib=calib)
+
+
+def test_laq_writes_a_per_layer_allocation_within_the_target(tiny_unet, scheduler, tmp_path):
+    import json
+
+    calib = dq.collect(tiny_unet, scheduler, n=4, steps=3, batch_size=4, progress=False)
+    fast = dq.methods.aquatic.AQSearch(adam_steps=5, max_rounds=1, kmeans_iters=3)
+    dq.quantize_(tiny_unet, dq.AQConfig(target_bits=3.0, act_bits=None, laq=True), calib=calib, search=fast,
+                 scheduler=scheduler)
+    from diffquant.accounting import bit_report
+
+    assert tiny_unet.dq_laq_log and bit_report(tiny_unet)["effective_bits"] <= 3.0 + 1e-6
+    path = dq.save(tiny_unet, tmp_path / "q", scheduler)
+    recipe = json.loads((path / "diffquant.json").read_text())["quantization"]["recipe"]
+    assert set(tiny_unet.dq_laq_log) <= set(recipe["layers"])  # the allocation is saved with the model

@@ -8,11 +8,14 @@ honest metrics.
     dq.save(model, "runs/unet-w4a8", scheduler)
 """
 
-from diffquant import _quiet  # noqa: F401  (first: before anything imports diffusers)
+from diffquant import (
+           _quiet,  # noqa: F401  (first: before anything imports diffusers)
+           methods,  # noqa: F401  (dq.methods.aquatic)
+)
 from diffquant import calibration as calibrate  # noqa: F401  (dq.calibrate.collect)
 from diffquant.calibration.collect import CalibrationData, collect
 from diffquant.checkpoint import save
-from diffquant.config import RECIPES, QuantConfig, WeightConfig, get_recipe
+from diffquant.config import RECIPES, AQConfig, QuantConfig, WeightConfig, get_recipe
 from diffquant.models import load
 from diffquant.nn.act import ActSpec
 from diffquant.pipelines import balanced_labels, sample
@@ -20,5 +23,5 @@ from diffquant.quantize import quantize_
 
 __version__ = "0.1.0"
 
-__all__ = ["RECIPES", "ActSpec", "CalibrationData", "QuantConfig", "WeightConfig", "balanced_labels", "calibrate",
-           "collect", "get_recipe", "load", "quantize_", "sample", "save"]
+__all__ = ["RECIPES", "AQConfig", "ActSpec", "CalibrationData", "QuantConfig", "WeightConfig", "balanced_labels",
+           "calibrate", "collect", "get_recipe", "load", "methods", "quantize_", "sample", "save"]

@@ -26,7 +26,7 @@ from diffquant.metrics.evaluate import evaluate
 from diffquant.models import load, resolve
 from diffquant.pipelines import balanced_labels, sample_to_npz
 from diffquant.provenance import provenance
-from diffquant.quantize import quantize_
+from diffquant.quantize import needs_calibration, quantize_
 
 SIZES = {"full": 5000, "quick": 1000}
 GRID_N = 40  # 4 rows of the 10 classes
@@ -93,8 +93,22 @@ class Protocol:
             info.update(apply_peer(m, method[5:]))
         else:
             recipe = get_recipe(method)
-            needs = recipe.act is not None and recipe.act.mode == "static"
-            quantize_(m, recipe, calib=self.calibration(model) if needs else None)
+            resume = self.cache / "aq-layers" / f"{model}-{model_fingerprint(model)}-{Path(method).stem}"
+            quantize_(m, recipe, calib=self.calibration(model) if needs_calibration(recipe) else None,
+                      resume_dir=resume, progress=self.progress, scheduler=s)
+            if getattr(m, "dq_finetune_log", None):
+                info["finetune"] = m.dq_finetune_log
+            if getattr(m, "dq_laq_log", None):
+                info["laq"] = m.dq_laq_log
+            if getattr(m, "dq_aq_log", None):
+                log = m.dq_aq_log
+                info["aq_layers"] = log
+                searched = [n for n, e in log.items() if "rel_error" in e and not e.get("resumed")]
+                errs = [e["rel_error"] for e in log.values() if "rel_error" in e]
+                info["aq_mean_rel_error"] = sum(errs) / max(1, len(errs))
+                if searched:  # layer-wise search speed (layers taken from a resumed run are not counted)
+                    weights = sum(m.get_submodule(n).qweight.numel for n in searched)
+                    info["aq_weights_per_s"] = round(weights / sum(log[n]["seconds"] for n in searched), 1)
             with tempfile.TemporaryDirectory() as tmp:
                 save(m, Path(tmp) / "q", s, source=model)
                 meta = json.loads((Path(tmp) / "q" / "diffquant.json").read_text())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -173,13 +174,17 @@ def quantize(model, recipe, out, calib_n, steps):
     from diffquant.checkpoint import save
     from diffquant.config import get_recipe
     from diffquant.models import load
-    from diffquant.quantize import quantize_
+    from diffquant.quantize import needs_calibration, quantize_
 
     cfg = get_recipe(recipe)
     m, s = load(model)
-    calib = collect(m, s, n=calib_n, steps=steps) if cfg.act is not None and cfg.act.mode == "static" else None
-    quantize_(m, cfg, calib=calib, progress=True)
-    path = save(m, out, s, source=model)
+    calib = collect(m, s, n=calib_n, steps=steps) if needs_calibration(cfg) else None
+    # finished AQ layers are kept beside the output, so an interrupted run resumes at its layer
+    resume = out.parent / f".{out.name}.layers"
+    quantize_(m, cfg, calib=calib, progress=True, resume_dir=resume, scheduler=s)
+    extra = {k: getattr(m, f"dq_{k}_log") for k in ("aq", "laq", "finetune") if getattr(m, f"dq_{k}_log", None)} or None
+    path = save(m, out, s, source=model, extra=extra)
+    shutil.rmtree(resume, ignore_errors=True)
     meta = json.loads((path / "diffquant.json").read_text())
     click.echo(f"wrote {path}: {meta['effective_bits']:.3f} effective bits, {meta['checkpoint_bytes']:,} bytes")
 

@@ -7,27 +7,37 @@ match wins), an optional activation setting, and include / exclude patterns on m
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from diffquant.formats import KMeansSpec, UniformSpec
+from diffquant.formats import AdditiveSpec, KMeansSpec, UniformSpec
+from diffquant.methods.pv_tuning import PVConfig
 from diffquant.nn.act import ActSpec
 
 
 @dataclass(frozen=True)
 class WeightConfig:
-    method: str = "uniform"  # "uniform", "kmeans", or "fp" (leave the layer unquantized)
-    bits: int = 4
-    group_size: int = 0  # uniform: 0 = per output channel
+    method: str = "uniform"  # "uniform", "kmeans", "aq" (additive codebooks), or "fp" (leave unquantized)
+    bits: int = 4  # uniform / kmeans: bits per weight; aq: bits per code (2^bits codewords per codebook)
+    group_size: int = 0  # uniform: 0 = per output channel; aq: codeword length (0: kernel slice / 8)
     symmetric: bool = False  # uniform
     clip: str = "minmax"  # uniform: "minmax" or "lp"
     scope: str = "channel"  # kmeans: "channel" (K-Means-C) or "tensor" (K-Means-A)
+    codebooks: int = 2  # aq: M, the number of codebooks summed per group
+    target_bits: float = 0.0  # aq: > 0 chooses (M, B, g) per layer within this many effective bits
+    kernel_aware: bool = True  # aq: a k x k convolution's group is one kernel slice (KAQ)
 
     def __post_init__(self):
-        if self.method not in ("uniform", "kmeans", "fp"):
-            raise ValueError(f"weight method must be 'uniform', 'kmeans' or 'fp', got {self.method!r}")
-        self.to_spec()  # validates the rest
+        if self.method not in ("uniform", "kmeans", "aq", "fp"):
+            raise ValueError(f"weight method must be 'uniform', 'kmeans', 'aq' or 'fp', got {self.method!r}")
+        if self.method == "aq" and self.target_bits < 0:
+            raise ValueError(f"aq target_bits must be >= 0, got {self.target_bits}")
+        if self.method != "aq":
+            self.to_spec()  # validates the rest
+        elif not self.target_bits:
+            AdditiveSpec(self.codebooks, self.bits, self.group_size or 8)
 
     def to_spec(self) -> UniformSpec | KMeansSpec | None:
         if self.method == "uniform":
@@ -35,6 +45,16 @@ class WeightConfig:
         if self.method == "kmeans":
             return KMeansSpec(self.bits, self.scope)
         return None
+
+    def aq_spec(self, shape: tuple[int, ...]) -> AdditiveSpec:
+        """The additive setting of a layer of this shape: chosen within `target_bits`, or fixed."""
+        from diffquant.methods.aquatic import choose_spec
+
+        if self.target_bits:
+            return choose_spec(tuple(shape), self.target_bits, self.kernel_aware)
+        ksz = math.prod(shape[2:]) if len(shape) == 4 else 1
+        g = self.group_size or (ksz if self.kernel_aware and ksz > 1 else 8)
+        return AdditiveSpec(self.codebooks, self.bits, g)
 
 
 @dataclass(frozen=True)
@@ -47,6 +67,8 @@ class QuantConfig:
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     act_exclude: tuple[str, ...] = ()  # layers whose inputs stay in full precision
+    finetune: PVConfig | None = None  # SeMI-PV distillation after the layer-wise AQ step
+    laq: bool = False  # AQ layers: per-layer budgets from measured sensitivity (LAQ), average = target_bits
 
     def weight_for(self, name: str, io_layers: set[str]) -> WeightConfig:
         for pattern, wc in self.layers.items():
@@ -76,6 +98,7 @@ class QuantConfig:
         d = dict(d)
         d["weight"] = WeightConfig(**d.get("weight", {}))
         d["act"] = ActSpec(**d["act"]) if d.get("act") else None
+        d["finetune"] = PVConfig(**d["finetune"]) if d.get("finetune") else None
         d["layers"] = {k: WeightConfig(**v) for k, v in d.get("layers", {}).items()}
         for k in ("include", "exclude", "act_exclude"):
             if k in d:
@@ -89,11 +112,54 @@ class QuantConfig:
 IO_8BIT = {"@io": WeightConfig("uniform", 8)}
 
 
+@dataclass(frozen=True)
+class AQConfig:
+    """AQUATIC-Diff as one object, for `diffquant.quantize_(model, AQConfig(...), calib=...)`.
+
+    Either a budget (`target_bits`: each layer gets the (M, B, g) with the most code bits whose
+    effective bits, codebooks and scales included, fit) or a fixed setting (`codebooks` and `bits`,
+    with `group` 0 meaning one kernel slice for k x k convolutions and 8 inputs otherwise)."""
+
+    target_bits: float = 2.0
+    codebooks: int = 0  # with bits: a fixed setting instead of the budget
+    bits: int = 0
+    group: int = 0
+    kernel_aware: bool = True
+    act_bits: int | None = 8  # static per-tensor activations; None: weight-only
+    io_bits: int = 8  # the first and last layer, uniform
+    finetune: PVConfig | None = None  # e.g. PVConfig() for SeMI-PV (needs quantize_(..., scheduler=))
+    laq: bool = False  # with target_bits: per-layer budgets from measured sensitivity (needs scheduler=)
+
+    def to_quant_config(self) -> QuantConfig:
+        fixed = bool(self.codebooks and self.bits)
+        wc = WeightConfig("aq", bits=self.bits or 8, group_size=self.group, codebooks=self.codebooks or 1,
+                          target_bits=0.0 if fixed else self.target_bits, kernel_aware=self.kernel_aware)
+        act = ActSpec(self.act_bits, "static") if self.act_bits and self.act_bits < 16 else None
+        label = f"M{self.codebooks}B{self.bits}" if fixed else f"w{self.target_bits:g}"
+        return QuantConfig(name=f"aq-{label}a{self.act_bits or 16}", weight=wc, act=act,
+                           layers={"@io": WeightConfig("uniform", self.io_bits)}, finetune=self.finetune,
+                           laq=self.laq and not fixed)
+
+
 def _rtn(name: str, wbits: int, abits: int | None) -> QuantConfig:
     """Round-to-nearest: per-output-channel asymmetric min-max weights; static per-tensor
     activations calibrated over timesteps; the first and last layer's weights at 8 bits."""
     act = ActSpec(abits, "static") if abits and abits < 16 else None
     return QuantConfig(name=name, weight=WeightConfig("uniform", wbits), act=act, layers=dict(IO_8BIT))
+
+
+SEMI_PV = PVConfig()
+
+
+def _aq(name: str, target_bits: float, abits: int | None, finetune: PVConfig | None = SEMI_PV,
+        kernel_aware: bool = True, laq: bool = True) -> QuantConfig:
+    """AQUATIC-Diff: additive codebooks chosen per layer within `target_bits` effective bits (codebooks
+    and scales counted), KAQ on k x k convolutions, Gram-weighted layer-wise search, then SeMI-PV
+    distillation; the same A8 and 8-bit first / last layer as the RTN recipes, so the two differ
+    only in how the weights are quantized."""
+    act = ActSpec(abits, "static") if abits and abits < 16 else None
+    return QuantConfig(name=name, weight=WeightConfig("aq", target_bits=target_bits, kernel_aware=kernel_aware),
+                       act=act, layers=dict(IO_8BIT), finetune=finetune, laq=laq)
 
 
 RECIPES: dict[str, QuantConfig] = {
@@ -107,6 +173,13 @@ RECIPES: dict[str, QuantConfig] = {
         _rtn("w4a16", 4, None),
         _rtn("w3a16", 3, None),
         _rtn("w2a16", 2, None),
+        *[_aq(f"aq-w{b:g}a8", b, 8) for b in (4, 3, 2, 1.5)],
+        *[_aq(f"aq-w{b:g}a16", b, None) for b in (4, 3, 2, 1.5)],
+        # ablations: no fine-tuning, plain PV (no momentum invalidation), flat groups of 8 on convolutions
+        *[_aq(f"aq-w{b:g}a8-noft", b, 8, finetune=None) for b in (4, 3, 2, 1.5)],
+        _aq("aq-w2a8-pv", 2, 8, finetune=PVConfig(semi=False)),
+        _aq("aq-w2a8-flat", 2, 8, kernel_aware=False),
+        _aq("aq-w2a8-nolaq", 2, 8, laq=False),
     ]
 }
 

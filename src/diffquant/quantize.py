@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from diffquant.calibration.collect import CalibrationData
-from diffquant.config import QuantConfig
-from diffquant.formats import KMeansSpec, KMeansWeight, UniformWeight
+from diffquant.config import AQConfig, QuantConfig, WeightConfig
+from diffquant.formats import AdditiveWeight, KMeansSpec, KMeansWeight, UniformWeight
 from diffquant.formats.base import QuantizedWeight
+from diffquant.io_utils import atomic_path
+from diffquant.methods.aquatic import AQSearch, gram, quantize_layer
 from diffquant.nn.layers import QuantConv2d, QuantLayer, QuantLinear
 from diffquant.nn.swap import io_layer_names, quantizable_layers, set_module
 
@@ -19,42 +29,161 @@ def quantize_weight(weight, spec, name: str = "") -> QuantizedWeight:
     return UniformWeight.quantize(weight, spec, name)
 
 
+def needs_calibration(config: QuantConfig | AQConfig) -> bool:
+    """Whether quantizing with `config` needs calibration data (static activations or AQ weights)."""
+    if isinstance(config, AQConfig):
+        return True
+    static_act = config.act is not None and config.act.mode == "static"
+    return static_act or config.weight.method == "aq" or any(w.method == "aq" for w in config.layers.values())
+
+
 def quantized_layers(model: nn.Module) -> dict[str, QuantLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLayer)}
 
 
-def quantize_(model: nn.Module, config: QuantConfig, calib: CalibrationData | None = None,
-              progress: bool = False) -> nn.Module:
+def quantize_(model: nn.Module, config: QuantConfig | AQConfig, calib: CalibrationData | None = None,
+              progress: bool = False, search: AQSearch | None = None, resume_dir: str | Path | None = None,
+              scheduler=None) -> nn.Module:
     """Quantizes `model` in place with `config` and returns it.
 
-    Static activation quantizers need `calib` (from `diffquant.calibrate.collect` on the FP model);
-    their ranges are fitted to the recorded inputs of every timestep."""
+    Static activation quantizers and additive (AQ) weights need `calib` (from
+    `diffquant.calibrate.collect` on the FP model): activation ranges are fitted to the recorded
+    inputs of every timestep, and AQ minimises each layer's output error on them. With `resume_dir`,
+    every finished AQ layer is written there, and a second call picks up where the first stopped.
+    A recipe with `finetune` (SeMI-PV) also needs the model's `scheduler`: the FP model, kept as the
+    teacher, samples its own training trajectories with it."""
+    if isinstance(config, AQConfig):
+        config = config.to_quant_config()
     if quantized_layers(model):
         raise ValueError("model is already quantized; load a fresh full-precision copy to quantize again")
-    needs_calib = config.act is not None and config.act.mode == "static"
-    if needs_calib and calib is None:
-        raise ValueError(
-            f"recipe {config.name!r} uses static activation quantization, which needs calibration data. "
-            "Fix: quantize_(model, config, calib=diffquant.calibrate.collect(model, scheduler))."
-        )
     io = io_layer_names(model)
     layers = {k: v for k, v in quantizable_layers(model).items() if config.selects(k)}
     if not layers:
         raise ValueError(f"recipe {config.name!r} selects no layer "
                          f"(include={config.include}, exclude={config.exclude})")
-    for name, mod in tqdm(layers.items(), desc=f"quantize {config.name}", disable=not progress):
+    needs_act_calib = config.act is not None and config.act.mode == "static"
+    uses_aq = any(config.weight_for(n, io).method == "aq" for n in layers)
+    if (needs_act_calib or uses_aq) and calib is None:
+        why = "additive (AQ) weights" if uses_aq else "static activation quantization"
+        raise ValueError(
+            f"recipe {config.name!r} uses {why}, which needs calibration data. "
+            "Fix: quantize_(model, config, calib=diffquant.calibrate.collect(model, scheduler))."
+        )
+    if config.laq and uses_aq:
+        if scheduler is None:
+            raise ValueError(f"recipe {config.name!r} allocates bits per layer (LAQ) from the model's sensitivity "
+                             "on its own sampling trajectory. "
+                             "Fix: quantize_(model, config, calib=calib, scheduler=scheduler).")
+        config, laq_log = laq_config(model, config, calib, scheduler, layers, io, progress)
+    else:
+        laq_log = None
+    if config.finetune is not None and scheduler is None:
+        raise ValueError(f"recipe {config.name!r} fine-tunes with SeMI-PV, whose teacher samples with the model's "
+                         "scheduler. Fix: quantize_(model, config, calib=calib, scheduler=scheduler).")
+    teacher = copy.deepcopy(model).eval() if config.finetune is not None else None
+    search = search or AQSearch()
+    log: dict[str, dict] = {}
+    bar = tqdm(layers.items(), desc=f"quantize {config.name}", disable=not progress)
+    for name, mod in bar:
         wc = config.weight_for(name, io)
         if wc.method == "fp":
             continue
-        qw = quantize_weight(mod.weight, wc.to_spec(), name)
+        if wc.method == "aq" and not _aq_fits(wc, mod):
+            # a layer so small that codebooks cost more than its budget: uniform at the budget, rounded up
+            wc = WeightConfig("uniform", bits=max(2, math.ceil(wc.target_bits)), clip="lp")
+            log[name] = {"fallback": f"uniform w{wc.bits} (no additive setting fits the budget)"}
+        if wc.method == "aq":
+            bar.set_postfix_str(name)
+            qw, log[name] = _aq_layer(name, mod, wc, calib, search, resume_dir)
+        else:
+            qw = quantize_weight(mod.weight, wc.to_spec(), name)
         act = config.act_for(name)
         new = (QuantLinear(qw, mod.bias, act) if isinstance(mod, nn.Linear)
                else QuantConv2d(qw, mod.bias, mod, act))
         set_module(model, name, new)
-    if needs_calib:
+    if needs_act_calib:
         calibrate_activations(model, calib)
+    if teacher is not None:
+        from diffquant.methods.pv_tuning import pv_tune
+
+        ft = pv_tune(model, teacher, scheduler, config.finetune, progress=progress)
+        model.dq_finetune_log = {k: v for k, v in ft.items() if k != "loss"}
     model.dq_recipe = config
+    if laq_log:
+        model.dq_laq_log = laq_log
+    if log:
+        model.dq_aq_log = log
     return model
+
+
+def laq_config(model: nn.Module, config: QuantConfig, calib: CalibrationData, scheduler, layers: dict,
+               io: set[str], progress: bool = False) -> tuple[QuantConfig, dict]:
+    """The recipe with LAQ's per-layer settings written in (exact layer names before the patterns),
+    and the allocation's log (budget, effective bits and measured sensitivity of every layer)."""
+    from diffquant.methods.laq import allocate, sensitivity
+    from diffquant.methods.pv_tuning import PVConfig, _probe_batch, teacher_items
+
+    aq = {n: m for n, m in layers.items() if config.weight_for(n, io).method == "aq"}
+    target = config.weight.target_bits or max(config.weight_for(n, io).target_bits for n in aq)
+    if not target:
+        raise ValueError("LAQ needs an effective-bit target (WeightConfig(method='aq', target_bits=...))")
+    fixed_bits = fixed_weights = 0
+    for n, m in layers.items():
+        wc = config.weight_for(n, io)
+        if n in aq or wc.method == "fp":
+            continue
+        qw = quantize_weight(m.weight, wc.to_spec(), n)
+        fixed_bits += qw.stored_bits()
+        fixed_weights += qw.numel
+    items = teacher_items(model, scheduler, PVConfig(trajectories=16, seed=3_000_000))
+    probe = _probe_batch(items, 4, torch.Generator().manual_seed(0))
+    sens = sensitivity(model, aq, probe, calib.inputs, progress=progress)
+    wcs = {n: config.weight_for(n, io) for n in aq}
+    kernel_aware = all(wc.kernel_aware for wc in wcs.values())
+    alloc = allocate({n: tuple(m.weight.shape) for n, m in aq.items()}, sens, target, fixed_bits, fixed_weights,
+                     kernel_aware)
+    per_layer = {n: (dataclasses.replace(wcs[n], target_bits=o.budget) if o.budget else WeightConfig("uniform", 8))
+                 for n, o in alloc.items()}
+    new = dataclasses.replace(config, layers={**per_layer, **config.layers}, laq=False)
+    log = {n: {"budget": o.budget, "effective_bits": round(o.eff_bits, 4),
+               **{k: float(f"{v:.4g}") for k, v in sens[n].items()}} for n, o in alloc.items()}
+    return new, log
+
+
+def _aq_fits(wc: WeightConfig, mod: nn.Module) -> bool:
+    if not wc.target_bits:
+        return True
+    try:
+        wc.aq_spec(tuple(mod.weight.shape))
+        return True
+    except ValueError:
+        return False
+
+
+def _aq_layer(name: str, mod: nn.Module, wc: WeightConfig, calib: CalibrationData, search: AQSearch,
+              resume_dir: str | Path | None) -> tuple[AdditiveWeight, dict]:
+    spec = wc.aq_spec(tuple(mod.weight.shape))
+    done = Path(resume_dir) / f"{name}.safetensors" if resume_dir else None
+    if done is not None and done.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(done), "pt") as f:
+            info = json.loads(f.metadata()["info"])
+        if info["weight"]["spec"] == spec.__dict__ and info["weight"]["shape"] == list(mod.weight.shape):
+            return AdditiveWeight.from_packed(load_file(str(done)), info["weight"]), {**info["log"], "resumed": True}
+    if name not in calib:
+        raise ValueError(f"calibration data has no inputs for layer {name!r}; collect it on this model's FP copy")
+    h = gram(mod, calib.inputs[name], search.damp)
+    res = quantize_layer(mod.weight, h, spec, search, name)
+    entry = {"spec": spec.__dict__, "effective_bits": round(res.weight.effective_bits(), 4),
+             "rel_error_init": res.rel_error_init, "rel_error": res.rel_error, "rounds": res.rounds,
+             "seconds": round(res.seconds, 2)}
+    if done is not None:
+        done.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(done) as tmp:
+            save_file(res.weight.packed_state(), str(tmp),
+                      metadata={"info": json.dumps({"weight": res.weight.meta(), "log": entry})})
+    return res.weight, entry
 
 
 def calibrate_activations(model: nn.Module, calib: CalibrationData) -> None:

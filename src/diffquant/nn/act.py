@@ -33,7 +33,10 @@ def fake_quant(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -
     scale = ((hi - lo) / levels).clamp_min(1e-8)
     zero = torch.round(-lo / scale)
     q = torch.clamp(torch.round(x / scale) + zero, 0, levels)
-    return (q - zero) * scale
+    out = (q - zero) * scale
+    if x.requires_grad:  # straight-through estimator, for fine-tuning through quantized activations
+        return x + (out - x).detach()
+    return out
 
 
 class ActQuantizer(nn.Module):

@@ -94,8 +94,10 @@ ZOO: dict[str, ZooSpec] = {
         description="DiT with adaLN-zero, patch 4 (64 tokens), 6 blocks of width 128",
         # diffusers' DiT label embedding drops labels with p=0.1 by itself in train mode
         # At 900 steps the DiT still drew blotchy, patchy digits, so its schedule was lengthened to
-        # 3,400 steps; the session's time budget stopped it at 2,600 (see docs/methods.md).
-        train=TrainConfig(steps=2600, schedule_steps=3400, lr=8e-4, label_dropout=0.0),
+        # 3,400 steps. At 2,600 steps (a session's time budget) classifier agreement was 89.4%, under
+        # the 95% bar, so training runs the schedule to its end and then 1,000 steps more at the
+        # schedule's floor (0.1 x lr) (see docs/methods.md).
+        train=TrainConfig(steps=4400, schedule_steps=3400, lr=8e-4, label_dropout=0.0),
     ),
 }
 

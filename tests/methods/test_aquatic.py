@@ -1,0 +1,90 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from diffquant.formats import UniformSpec, UniformWeight
+from diffquant.formats.additive import AdditiveSpec, dequantize_additive
+from diffquant.methods.aquatic import (
+    AQSearch,
+    beam_search,
+    choose_spec,
+    gram,
+    init_additive,
+    quantize_layer,
+    relative_error,
+)
+
+
+def _correlated_inputs(n, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5 + torch.eye(d)
+    return torch.randn(n, d, generator=g) @ mix * torch.linspace(0.2, 3, d)
+
+
+def test_conv_gram_is_the_gram_of_the_patches_the_weight_multiplies():
+    conv = nn.Conv2d(3, 5, 3, padding=1, bias=False)
+    x = torch.randn(2, 3, 6, 6)
+    h = gram(conv, [x], damp=0.0)
+    y = conv(x).permute(0, 2, 3, 1).reshape(-1, 5)
+    w = conv.weight.detach().reshape(5, -1)
+    # ||W X||^2 / N computed through H equals the conv output's energy
+    assert torch.allclose(((w @ h) * w).sum(), y.pow(2).sum() / y.shape[0], rtol=1e-4)
+
+
+def test_beam_search_never_increases_the_error():
+    torch.manual_seed(0)
+    w = torch.randn(16, 32)
+    x = _correlated_inputs(256, 32)
+    h = x.T @ x / 256
+    spec = AdditiveSpec(2, 4, 8)
+    codes, books, scale = init_additive(w, spec, 4, torch.Generator().manual_seed(0))
+    before = relative_error(w, dequantize_additive(codes, books, scale), h)
+    for beam in (1, 4):
+        new = beam_search(w, h, codes, books, scale, 0, beam)
+        after = relative_error(w, dequantize_additive(new, books, scale), h)
+        assert after <= before + 1e-6
+
+
+def test_layer_search_lowers_error_and_beats_rtn_at_fewer_bits():
+    torch.manual_seed(0)
+    w = torch.randn(32, 64)
+    x = _correlated_inputs(512, 64)
+    h = x.T @ x / 512
+    spec = AdditiveSpec(2, 6, 8)  # 1.5 code bits + codebooks
+    res = quantize_layer(w, h, spec, AQSearch(adam_steps=30, max_rounds=3))
+    assert res.rel_error < 0.7 * res.rel_error_init
+    rtn = UniformWeight.quantize(w, UniformSpec(2))
+    assert res.rel_error < relative_error(w, rtn.dequantize(), h)
+    assert res.weight.dequantize().shape == w.shape
+
+
+def test_choose_spec_respects_the_budget_and_explains_when_it_cannot():
+    for shape in [(128, 128, 3, 3), (64, 64), (768, 128)]:
+        for target in (1.5, 2.0, 4.0):
+            s = choose_spec(shape, target)
+            d = int(torch.tensor(shape[1:]).prod())
+            assert s.effective_bits(shape[0], d) <= target
+    assert choose_spec((128, 128, 3, 3), 2.0).group == 9  # KAQ: one kernel slice
+    assert choose_spec((128, 128, 3, 3), 2.0, kernel_aware=False).group in (4, 8, 16)
+    with pytest.raises(ValueError, match="no additive setting fits"):
+        choose_spec((4, 8), 1.0)
+
+
+def test_group_that_does_not_divide_is_a_clear_error():
+    with pytest.raises(ValueError, match="does not divide"):
+        quantize_layer(torch.randn(4, 10), torch.eye(10), AdditiveSpec(1, 4, 8))
+
+
+def test_laq_allocation_meets_the_budget_and_favours_sensitive_layers():
+    from diffquant.methods.laq import allocate
+
+    shapes = {"a": (128, 128, 3, 3), "b": (128, 128, 3, 3), "c": (128, 512)}
+    sens = {"a": {"sens": 100.0, "layer_error": 0.1}, "b": {"sens": 1.0, "layer_error": 0.1},
+            "c": {"sens": 1.0, "layer_error": 0.1}}
+    alloc = allocate(shapes, sens, 2.0)
+    size = {n: int(torch.tensor(s).prod()) for n, s in shapes.items()}
+    avg = sum(alloc[n].eff_bits * size[n] for n in shapes) / sum(size.values())
+    assert avg <= 2.0
+    assert alloc["a"].eff_bits > alloc["b"].eff_bits  # same shape, 100x more sensitive: more bits
+    with pytest.raises(ValueError, match="raise the target"):
+        allocate(shapes, sens, 0.5)

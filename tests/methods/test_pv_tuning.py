@@ -1,0 +1,49 @@
+import copy
+
+import pytest
+
+import diffquant as dq
+from diffquant.methods.aquatic import AQSearch
+from diffquant.methods.pv_tuning import PVConfig, pv_tune, teacher_items
+
+FAST = AQSearch(adam_steps=5, max_rounds=1, kmeans_iters=3)
+
+
+def _student(teacher, scheduler):
+    calib = dq.collect(teacher, scheduler, n=4, steps=3, batch_size=4, progress=False)
+    return dq.quantize_(copy.deepcopy(teacher), dq.AQConfig(target_bits=2.0, act_bits=None), calib=calib, search=FAST)
+
+
+def _codes(model):
+    return {n: m.qweight.codes.clone() for n, m in model.named_modules() if getattr(m, "qweight", None) is not None
+            and m.qweight.format == "additive"}
+
+
+def test_teacher_items_cover_every_step_with_both_cfg_halves(tiny_unet, scheduler):
+    items = teacher_items(tiny_unet, scheduler, PVConfig(trajectories=4, sample_steps=3))
+    assert len(items) == 3
+    assert all(len(d["x"]) == 8 and (d["y"] == 10).sum() == 4 for d in items)  # cond + null halves
+    assert items[0]["t"][0] > items[-1]["t"][0]
+
+
+@pytest.mark.parametrize("semi,mode", [(True, "model"), (False, "block")])
+def test_pv_tuning_lowers_the_distillation_loss_and_caps_code_changes(tiny_unet, scheduler, semi, mode):
+    student = _student(tiny_unet, scheduler)
+    before = _codes(student)
+    cfg = PVConfig(steps=30, trajectories=8, batch_size=8, sample_steps=3, v_every=5, v_fraction=0.05,
+                   lr=2e-3, semi=semi, mode=mode)
+    log = pv_tune(student, tiny_unet, scheduler, cfg, progress=False)
+    assert log["loss_last"] < log["loss_first"]
+    assert log["codes_changed"] > 0
+    after = _codes(student)
+    for name, c in before.items():  # each V step moves at most v_fraction of a layer's groups per codebook
+        changed = (after[name] != c).any(-1).float().mean()
+        assert changed <= 30 // 5 * 0.05 * c.shape[-1] + 1e-6
+    assert (log["resets_jump"] > 0) == semi  # trajectory wrap-arounds invalidate first moments only with SeMI
+    # the tuned model still saves and loads bit-exactly
+    assert all(not p.requires_grad for p in student.parameters())
+
+
+def test_pv_tuning_refuses_a_model_without_additive_layers(tiny_unet, scheduler):
+    with pytest.raises(ValueError, match="additive"):
+        pv_tune(copy.deepcopy(tiny_unet), tiny_unet, scheduler, PVConfig(steps=1), progress=False)
