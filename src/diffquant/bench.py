@@ -93,7 +93,9 @@ class Protocol:
             info.update(apply_peer(m, method[5:]))
         else:
             recipe = get_recipe(method)
-            resume = self.cache / "aq-layers" / f"{model}-{model_fingerprint(model)}-{Path(method).stem}"
+            # finished AQ layers are shared by every recipe of this model and calibration: a layer's file is
+            # reused only when its spec matches, and the search settings are the defaults
+            resume = self.cache / "aq-layers" / f"{model}-{model_fingerprint(model)}-c{self.calib_n}-t{self.steps}"
             quantize_(m, recipe, calib=self.calibration(model) if needs_calibration(recipe) else None,
                       resume_dir=resume, progress=self.progress, scheduler=s)
             if getattr(m, "dq_finetune_log", None):

@@ -169,7 +169,9 @@ def _aq_layer(name: str, mod: nn.Module, wc: WeightConfig, calib: CalibrationDat
 
         with safe_open(str(done), "pt") as f:
             info = json.loads(f.metadata()["info"])
-        if info["weight"]["spec"] == spec.__dict__ and info["weight"]["shape"] == list(mod.weight.shape):
+        same = (info["weight"]["spec"] == spec.__dict__ and info["weight"]["shape"] == list(mod.weight.shape)
+                and info.get("search") == search.__dict__)
+        if same:
             return AdditiveWeight.from_packed(load_file(str(done)), info["weight"]), {**info["log"], "resumed": True}
     if name not in calib:
         raise ValueError(f"calibration data has no inputs for layer {name!r}; collect it on this model's FP copy")
@@ -182,7 +184,8 @@ def _aq_layer(name: str, mod: nn.Module, wc: WeightConfig, calib: CalibrationDat
         done.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(done) as tmp:
             save_file(res.weight.packed_state(), str(tmp),
-                      metadata={"info": json.dumps({"weight": res.weight.meta(), "log": entry})})
+                      metadata={"info": json.dumps({"weight": res.weight.meta(), "log": entry,
+                                                    "search": search.__dict__})})
     return res.weight, entry
 
 

@@ -51,7 +51,7 @@ class PVConfig:
     steps: int = 300
     trajectories: int = 64
     batch_size: int = 32
-    lr: float = 5e-4
+    lr: float = 1e-3
     v_every: int = 10  # 0: no V step (P only)
     v_fraction: float = 0.002  # at most this fraction of an additive layer's groups change per V step
     v_alpha: float = 0.05  # V-step target: W^ - alpha * rms(W^) * G / rms(G), per row
