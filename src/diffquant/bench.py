@@ -33,11 +33,15 @@ GRID_N = 40  # 4 rows of the 10 classes
 
 
 def model_fingerprint(model: str) -> str:
-    """Hash of the FP weights, so cached FP samples never outlive a retrained model."""
+    """Hash of the FP weights and the sampling meta (guidance), so cached samples never outlive a
+    retrained model or a changed guidance scale."""
     path = resolve(model)
     h = hashlib.sha256()
     for f in sorted(path.rglob("*.safetensors")):
         h.update(f.read_bytes())
+    meta = path / "diffquant.json"
+    if meta.exists():
+        h.update(json.dumps(json.loads(meta.read_text()).get("meta"), sort_keys=True).encode())
     return h.hexdigest()[:12]
 
 
