@@ -151,3 +151,9 @@ def test_laq_writes_a_per_layer_allocation_within_the_target(tiny_unet, schedule
     path = dq.save(tiny_unet, tmp_path / "q", scheduler)
     recipe = json.loads((path / "diffquant.json").read_text())["quantization"]["recipe"]
     assert set(tiny_unet.dq_laq_log) <= set(recipe["layers"])  # the allocation is saved with the model
+
+
+def test_aq_budget_below_codebook_cost_is_a_clear_error(tiny_unet, scheduler):
+    calib = dq.collect(tiny_unet, scheduler, n=4, steps=3, batch_size=4, progress=False)
+    with pytest.raises(ValueError, match="higher target_bits"):
+        dq.quantize_(tiny_unet, QuantConfig(weight=WeightConfig("aq", target_bits=0.5)), calib=calib)

@@ -69,6 +69,8 @@ def quantize_(model: nn.Module, config: QuantConfig | AQConfig, calib: Calibrati
             f"recipe {config.name!r} uses {why}, which needs calibration data. "
             "Fix: quantize_(model, config, calib=diffquant.calibrate.collect(model, scheduler))."
         )
+    if uses_aq and not config.laq:
+        _check_aq_budget(config, layers, io)
     if config.laq and uses_aq:
         if scheduler is None:
             raise ValueError(f"recipe {config.name!r} allocates bits per layer (LAQ) from the model's sensitivity "
@@ -135,19 +137,31 @@ def laq_config(model: nn.Module, config: QuantConfig, calib: CalibrationData, sc
         qw = quantize_weight(m.weight, wc.to_spec(), n)
         fixed_bits += qw.stored_bits()
         fixed_weights += qw.numel
+    shapes = {n: tuple(m.weight.shape) for n, m in aq.items()}
+    unit = {n: {"sens": 1.0, "layer_error": 1.0} for n in aq}
+    allocate(shapes, unit, target, fixed_bits, fixed_weights)  # an impossible target fails here, before any work
     items = teacher_items(model, scheduler, PVConfig(trajectories=16, seed=3_000_000))
     probe = _probe_batch(items, 4, torch.Generator().manual_seed(0))
     sens = sensitivity(model, aq, probe, calib.inputs, progress=progress)
     wcs = {n: config.weight_for(n, io) for n in aq}
     kernel_aware = all(wc.kernel_aware for wc in wcs.values())
-    alloc = allocate({n: tuple(m.weight.shape) for n, m in aq.items()}, sens, target, fixed_bits, fixed_weights,
-                     kernel_aware)
+    alloc = allocate(shapes, sens, target, fixed_bits, fixed_weights, kernel_aware)
     per_layer = {n: (dataclasses.replace(wcs[n], target_bits=o.budget) if o.budget else WeightConfig("uniform", 8))
                  for n, o in alloc.items()}
     new = dataclasses.replace(config, layers={**per_layer, **config.layers}, laq=False)
     log = {n: {"budget": o.budget, "effective_bits": round(o.eff_bits, 4),
                **{k: float(f"{v:.4g}") for k, v in sens[n].items()}} for n, o in alloc.items()}
     return new, log
+
+
+def _check_aq_budget(config: QuantConfig, layers: dict, io: set[str]) -> None:
+    """Tiny layers may fall back to uniform; a budget that no layer can meet is an error."""
+    aq = {n: m for n, m in layers.items() if config.weight_for(n, io).method == "aq"}
+    misfit = sum(m.weight.numel() for n, m in aq.items() if not _aq_fits(config.weight_for(n, io), m))
+    total = sum(m.weight.numel() for m in aq.values())
+    if misfit == total:
+        raise ValueError(f"recipe {config.name!r}: no additive setting fits its effective-bit budget in any "
+                         "layer (codebooks and scales alone cost more). Fix: a higher target_bits.")
 
 
 def _aq_fits(wc: WeightConfig, mod: nn.Module) -> bool:
