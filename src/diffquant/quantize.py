@@ -108,7 +108,8 @@ def quantize_(model: nn.Module, config: QuantConfig | AQConfig, calib: Calibrati
     if teacher is not None:
         from diffquant.methods.pv_tuning import pv_tune
 
-        ft = pv_tune(model, teacher, scheduler, config.finetune, progress=progress)
+        state = Path(resume_dir) / f"finetune-{config.name}.pt" if resume_dir else None
+        ft = pv_tune(model, teacher, scheduler, config.finetune, progress=progress, state_file=state)
         model.dq_finetune_log = {k: v for k, v in ft.items() if k != "loss"}
     model.dq_recipe = config
     if laq_log:

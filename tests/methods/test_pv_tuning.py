@@ -1,6 +1,7 @@
 import copy
 
 import pytest
+import torch
 
 import diffquant as dq
 from diffquant.methods.aquatic import AQSearch
@@ -47,3 +48,34 @@ def test_pv_tuning_lowers_the_distillation_loss_and_caps_code_changes(tiny_unet,
 def test_pv_tuning_refuses_a_model_without_additive_layers(tiny_unet, scheduler):
     with pytest.raises(ValueError, match="additive"):
         pv_tune(copy.deepcopy(tiny_unet), tiny_unet, scheduler, PVConfig(steps=1), progress=False)
+
+
+def test_interrupted_tuning_resumes_to_the_same_result(tiny_unet, scheduler, tmp_path):
+    cfg = PVConfig(steps=12, trajectories=4, batch_size=4, sample_steps=3, v_every=4, v_fraction=0.05, lr=2e-3)
+    base = _student(tiny_unet, scheduler)
+    whole = copy.deepcopy(base)
+    pv_tune(whole, tiny_unet, scheduler, cfg, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    part = copy.deepcopy(base)
+    state = tmp_path / "ft.pt"
+    calls = {"n": 0}
+    orig = part.forward
+
+    def forward_then_stop(*a, **k):  # the interruption: the 8th training forward raises
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise Stop
+        return orig(*a, **k)
+
+    part.forward = forward_then_stop
+    with pytest.raises(Stop):
+        pv_tune(part, tiny_unet, scheduler, cfg, progress=False, state_file=state, save_every=3)
+    assert state.exists()
+    resumed = copy.deepcopy(base)
+    pv_tune(resumed, tiny_unet, scheduler, cfg, progress=False, state_file=state, save_every=3)
+    assert not state.exists()
+    for (n, a), (_, b) in zip(_codes(whole).items(), _codes(resumed).items(), strict=True):
+        assert torch.equal(a, b), n

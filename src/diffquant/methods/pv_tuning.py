@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
 from diffquant.formats.additive import AdditiveWeight, dequantize_additive
+from diffquant.io_utils import atomic_path
 from diffquant.nn.layers import QuantLayer
 from diffquant.pipelines import balanced_labels, sample_batch
 
@@ -250,8 +252,12 @@ def _first_tensor(o):
 
 
 def pv_tune(student: nn.Module, teacher: nn.Module, scheduler, cfg: PVConfig = PVConfig(),
-            progress: bool = True) -> dict:
-    """Fine-tunes `student` (an additively quantized copy of `teacher`) in place; returns a log."""
+            progress: bool = True, state_file: str | Path | None = None, save_every: int = 50) -> dict:
+    """Fine-tunes `student` (an additively quantized copy of `teacher`) in place; returns a log.
+
+    With `state_file`, the whole training state (codes, trainable tensors, Adam's moments, the batch
+    generator, the log) is written there every `save_every` steps, and a later call with the same
+    config resumes from it; the file is removed when training finishes."""
     t0 = time.time()
     layers = [_Additive(n, m) for n, m in student.named_modules()
               if isinstance(m, QuantLayer) and isinstance(m.qweight, AdditiveWeight)]
@@ -284,11 +290,32 @@ def pv_tune(student: nn.Module, teacher: nn.Module, scheduler, cfg: PVConfig = P
     gen = torch.Generator().manual_seed(cfg.seed)
     probe = _probe_batch(data, cfg.probe_items, gen)
     log = {"loss": [], "v_changes": [], "resets_jump": 0}
-    last_t = None
+    last_t, start = None, 0
+    state_file = Path(state_file) if state_file else None
+    if state_file is not None and state_file.exists():
+        st = torch.load(state_file, weights_only=False)
+        if st["cfg"] == cfg.__dict__ and st["layers"] == [(layer.name, layer.spec) for layer in layers]:
+            with torch.no_grad():
+                for layer, codes in zip(layers, st["codes"], strict=True):
+                    layer.codes.copy_(codes)
+                    layer.changed = st["changed"][layer.name]
+                for p, v in zip(params, st["params"], strict=True):
+                    p.copy_(v)
+            opt.load_state_dict(st["opt"])
+            gen.set_state(st["gen"])
+            log, last_t, start = st["log"], st["last_t"], st["step"]
+
+    def save_state(step: int) -> None:
+        with atomic_path(state_file) as tmp:
+            torch.save({"cfg": cfg.__dict__, "layers": [(layer.name, layer.spec) for layer in layers], "step": step,
+                        "codes": [layer.codes for layer in layers], "params": [p.detach() for p in params],
+                        "changed": {layer.name: layer.changed for layer in layers}, "opt": opt.state_dict(),
+                        "gen": gen.get_state(), "log": log, "last_t": last_t}, tmp)
+
     student.eval()
     try:
-        bar = tqdm(range(cfg.steps), desc=f"SeMI-PV ({cfg.mode})" if cfg.semi else f"PV ({cfg.mode})",
-                   disable=not progress, mininterval=5)
+        bar = tqdm(range(start, cfg.steps), desc=f"SeMI-PV ({cfg.mode})" if cfg.semi else f"PV ({cfg.mode})",
+                   disable=not progress, mininterval=5, initial=start, total=cfg.steps)
         for step in bar:
             d = data[step % cfg.sample_steps]
             idx = torch.randperm(len(d["x"]), generator=gen)[: cfg.batch_size]
@@ -319,6 +346,8 @@ def pv_tune(student: nn.Module, teacher: nn.Module, scheduler, cfg: PVConfig = P
                 log["v_changes"].append(_v_step(layers, student, probe, cfg, opt))
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{sum(log['loss'][-20:]) / len(log['loss'][-20:]):.4f}")
+            if state_file is not None and (step + 1) % save_every == 0 and step + 1 < cfg.steps:
+                save_state(step + 1)
     finally:
         for h in handles:
             h.remove()
@@ -327,6 +356,8 @@ def pv_tune(student: nn.Module, teacher: nn.Module, scheduler, cfg: PVConfig = P
                 layer.finish()
         for p in student.parameters():
             p.requires_grad_(False)
+    if state_file is not None:
+        state_file.unlink(missing_ok=True)
     n = max(1, cfg.sample_steps)
     log["v_accepted"] = sum(1 for c in log["v_changes"] if c > 0)
     log.update(seconds=round(time.time() - t0, 1), loss_first=sum(log["loss"][:n]) / n,
