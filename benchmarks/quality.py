@@ -31,11 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", type=int, default=None, help="override the sample count of --size")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--no-resume", action="store_true")
+    ap.add_argument("--seed", type=int, default=0, help="seed of sample 0 (another seed gives FP's own noise level)")
     args = ap.parse_args(argv)
     n = args.n or SIZES[args.size]
     size = args.size if args.n is None else f"n{n}"
     out = args.out or Path(__file__).parent / "results" / f"quality-{size}.json"
-    run_quality(args.models.split(","), args.methods.split(","), n, out, resume=not args.no_resume, size=size)
+    run_quality(args.models.split(","), args.methods.split(","), n, out, seed=args.seed, resume=not args.no_resume,
+                size=size)
     print(f"wrote {out}")
     return 0
 
