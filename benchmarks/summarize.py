@@ -9,12 +9,15 @@ import json
 import sys
 from pathlib import Path
 
-COLS = [("method", "{}"), ("effective_bits", "{:.2f}"), ("checkpoint_bytes", "{:,}"), ("fid", "{:.2f}"),
+COLS = [("method", "{}"), ("effective_bits", "{:.2f}"), ("checkpoint_bytes", "{:,}"), ("fp32_size_ratio", "{:.1f}x"),
+        ("fid", "{:.2f}"),
         ("sfid", "{:.2f}"), ("is", "{:.2f}"), ("precision", "{:.3f}"), ("recall", "{:.3f}"),
         ("fid_to_fp", "{:.3f}"), ("class_accuracy", "{:.3f}"), ("psnr", "{:.2f}"), ("ssim", "{:.3f}")]
 
 
 def table(rows: list[dict]) -> str:
+    rows = [{**r, "fp32_size_ratio": r["fp32_checkpoint_bytes"] / r["checkpoint_bytes"]}
+            if r.get("fp32_checkpoint_bytes") and r.get("checkpoint_bytes") else r for r in rows]
     lines = ["| " + " | ".join(c for c, _ in COLS) + " |", "|" + "---|" * len(COLS)]
     for r in rows:
         lines.append("| " + " | ".join(f.format(r[c]) if r.get(c) is not None else "-" for c, f in COLS) + " |")
