@@ -251,10 +251,11 @@ def recipes():
     Example:
       diffquant recipes
     """
+    from diffquant.config import describe
+
+    width = max(len(n) for n in RECIPES)
     for name, r in RECIPES.items():
-        act = f"A{r.act.bits} {r.act.mode}" if r.act else "A16 (fp activations)"
-        click.echo(f"{name:8s} W{r.weight.bits} {r.weight.method} per-channel {r.weight.clip}, {act}, "
-                   "first/last layer W8")
+        click.echo(f"{name:{width}s}  {describe(r)}")
 
 
 if __name__ == "__main__":

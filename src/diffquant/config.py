@@ -184,6 +184,22 @@ RECIPES: dict[str, QuantConfig] = {
 }
 
 
+def describe(r: QuantConfig) -> str:
+    """One line saying what a recipe does."""
+    w = r.weight
+    if w.method == "aq":
+        how = (f"AQ additive codebooks within {w.target_bits:g} effective bits" if w.target_bits else
+               f"AQ {w.codebooks}x{w.bits}-bit codebooks")
+        how += ", KAQ" if w.kernel_aware else ", flat groups"
+        how += ", LAQ per-layer budgets" if r.laq else ", one budget per layer"
+        if r.finetune is not None:
+            how += ", SeMI-PV" if r.finetune.semi else ", PV (no momentum invalidation)"
+    else:
+        how = f"W{w.bits} {w.method} per-channel {w.clip}"
+    act = f"A{r.act.bits} {r.act.mode}" if r.act else "A16 (fp activations)"
+    return f"{how}; {act}; first/last layer W8"
+
+
 def get_recipe(name_or_file: str | Path) -> QuantConfig:
     """A named recipe, or a JSON recipe file."""
     key = str(name_or_file)
