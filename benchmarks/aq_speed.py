@@ -3,14 +3,13 @@
 The zoo's own encoding speed per recipe is recorded by `benchmarks/quality.py` (aq_weights_per_s).
 This script measures the search on layers with the shapes of LDM-4 ImageNet's U-Net (a randomly
 initialised diffusers UNet2DModel with LDM-4's widths, 192-384-576-960, ~400M parameters): speed does
-not depend on training. A full 960-channel 3x3 layer would take too long here, so each measured
-layer is a slice of its output rows (rows cost the same each; the codebooks are shared) with the
-full input width, and a cost model fitted to the measurements,
-
-    seconds = rows * (a * d^2 * adam_steps * rounds + b * d * K * M * rounds)  (+ Gram: c * N * d^2),
-
-is summed over every layer of the 400M model. The GPU figure is an estimate, not a measurement (no
-GPU was lent to this session): the CPU time scaled by matmul throughput (see gpu_estimate).
+not depend on training. Six representative layers (linear 384 and 960 wide, 3x3 convs of 192 to 960
+channels) are measured on a slice of their output rows (rows cost about the same each; the codebooks
+are shared) with the full input width, at two row counts: a layer's time is a fixed part (the loops over
+groups) plus a per-row part. Every layer of the model takes both parts for its input width,
+interpolated log-log between the probes; the sum over its rows and layers is the estimate. The GPU
+figure is an estimate, not a measurement (no GPU was lent to this session): the CPU time scaled by
+matmul throughput (see gpu_estimate).
 
     python benchmarks/aq_speed.py --out benchmarks/results/aq-speed.json
 """
@@ -62,51 +61,57 @@ def measure(shape: tuple[int, ...], target: float, rows: int, search: AQSearch, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/aq-speed.json"))
-    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--rows", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=1024, help="random inputs behind each Gram matrix")
     ap.add_argument("--targets", default="2,4")
+    ap.add_argument("--note", default="", help="recorded in the JSON (e.g. other jobs sharing the machine)")
     args = ap.parse_args()
     search = AQSearch()
     t_start = time.time()
-    probes = [(192, 192, 3, 3), (384, 384, 3, 3), (384, 384), (960, 960), (640, 640, 1, 1)]
     shapes = ldm4_shapes()
     total_params = sum(math.prod(s) for s in shapes)
-    doc = {"benchmark": "aq-speed", "search": search.__dict__, "ldm4_weight_layers": len(shapes),
+    doc = {"benchmark": "aq-speed", "note": args.note, "search": search.__dict__, "ldm4_weight_layers": len(shapes),
            "ldm4_quantizable_weights": total_params, "targets": {}}
+    probes = [(384, 384), (960, 960), (192, 192, 3, 3), (384, 384, 3, 3), (576, 576, 3, 3), (960, 960, 3, 3)]
     for target in [float(t) for t in args.targets.split(",")]:
+        # representative layers measured on a slice of their rows; every layer of the model then gets the
+        # per-row time of its input width d interpolated (log-log, piecewise linear) between the probes
         rows = []
-        for shape in probes:
-            r = measure(shape, target, args.rows, search)
-            rows.append(r)
-            print(f"target {target}: {shape} {r['spec']} {r['search_s']:.1f}s for {args.rows} rows "
-                  f"({r['weights_per_s']:.0f} weights/s)", flush=True)
-        # fit seconds/row = a * d^2 + b * d * K * M (rounds folded into a, b; least squares)
-        feats = np.array([[r["d"] ** 2, r["d"] * (1 << r["spec"]["bits"]) * r["spec"]["codebooks"]] for r in rows])
-        secs = np.array([r["search_s"] / r["rows_measured"] for r in rows])
-        coef, *_ = np.linalg.lstsq(feats, secs, rcond=None)
-        coef = np.clip(coef, 0, None)
+        for shape in probes:  # two row counts: a layer's time = fixed part (loops over groups) + per-row part
+            small, big = (measure(shape, target, n, search, args.tokens) for n in (args.rows, 4 * args.rows))
+            t_small, t_big = small["search_s"] + small["gram_s"], big["search_s"] + big["gram_s"]
+            per_row_s = max(1e-6, (t_big - t_small) / (3 * args.rows))
+            fixed_s = max(1e-6, t_small - per_row_s * args.rows)
+            rows.append({**big, "small": small, "fixed_s": round(fixed_s, 3), "per_row_s": round(per_row_s, 4)})
+            print(f"target {target}: {shape} {big['spec']}: {t_small:.1f}s for {args.rows} rows, {t_big:.1f}s for "
+                  f"{4 * args.rows} -> fixed {fixed_s:.1f}s + {per_row_s:.3f}s per row", flush=True)
+        ds = np.log([r["d"] for r in rows])
+        order = np.argsort(ds)
+        ds = ds[order]
+        fixed = np.log([rows[i]["fixed_s"] for i in order])
+        per = np.log([rows[i]["per_row_s"] for i in order])
 
-        def predict(shape, coef=coef, target=target):
+        def per_row(d: int, ys, ds=ds) -> float:
+            x = math.log(d)
+            if x > ds[-1]:  # beyond the widest probe: extend the last segment's slope
+                return math.exp(ys[-1] + (ys[-1] - ys[-2]) / (ds[-1] - ds[-2]) * (x - ds[-1]))
+            return float(math.exp(np.interp(x, ds, ys)))
+
+        def layer_s(shape, fixed=fixed, per=per, per_row=per_row) -> float:
             d = math.prod(shape[1:])
-            try:
-                s = choose_spec(shape, target)
-            except ValueError:
-                return 0.0
-            return shape[0] * (coef[0] * d * d + coef[1] * d * (1 << s.bits) * s.codebooks)
+            return per_row(d, fixed) + shape[0] * per_row(d, per)
 
-        est = sum(predict(s) for s in shapes)
-        fit_err = [abs(predict(tuple(r["shape"])) * r["rows_measured"] / r["shape"][0] - r["search_s"]) / r["search_s"]
-                   for r in rows]
+        est = sum(layer_s(s) for s in shapes)
         doc["targets"][f"{target:g}"] = {
-            "probes": rows, "fit_seconds_per_row": {"a_d2": coef[0], "b_dKM": coef[1]},
-            "fit_max_rel_error": round(max(fit_err), 3),
+            "probes": rows,
             "ldm4_estimated_hours_this_cpu": round(est / 3600, 2),
             "ldm4_estimated_weights_per_s": round(total_params / est, 1),
             # the UNet2DModel approximation has 263M weights where LDM-4 (with its transformer blocks' MLPs)
             # has ~400M: scaled at the same weights per second
             "400M_estimated_hours_this_cpu": round(est / 3600 * 400e6 / total_params, 2),
         }
-        print(f"target {target}: LDM-4 (~{total_params / 1e6:.0f}M weights) estimated {est / 3600:.1f} h on this CPU",
-              flush=True)
+        print(f"target {target}: LDM-4 layer list (~{total_params / 1e6:.0f}M weights) estimated {est / 3600:.1f} h "
+              "on this CPU", flush=True)
     # GPU: an estimate, not a measurement (no GPU was lent to this session). The search is dense
     # matmuls and batched gathers, so scale by matmul throughput: this CPU's measured fp32 GFLOP/s on the
     # Adam step's shape against an H100's fp32 peak (67 TFLOP/s) at an assumed 30% efficiency.

@@ -157,3 +157,12 @@ def test_aq_budget_below_codebook_cost_is_a_clear_error(tiny_unet, scheduler):
     calib = dq.collect(tiny_unet, scheduler, n=4, steps=3, batch_size=4, progress=False)
     with pytest.raises(ValueError, match="higher target_bits"):
         dq.quantize_(tiny_unet, QuantConfig(weight=WeightConfig("aq", target_bits=0.5)), calib=calib)
+
+
+@pytest.mark.parametrize("laq", [False, True])
+def test_impossible_budget_is_caught_before_calibration(tiny_unet, laq):
+    from diffquant.quantize import check_budget
+
+    with pytest.raises(ValueError, match="target"):
+        check_budget(tiny_unet, QuantConfig(weight=WeightConfig("aq", target_bits=0.5), laq=laq))
+    check_budget(tiny_unet, dq.AQConfig(target_bits=4.0, laq=laq))  # a feasible one passes

@@ -174,10 +174,11 @@ def quantize(model, recipe, out, calib_n, steps):
     from diffquant.checkpoint import save
     from diffquant.config import get_recipe
     from diffquant.models import load
-    from diffquant.quantize import needs_calibration, quantize_
+    from diffquant.quantize import check_budget, needs_calibration, quantize_
 
     cfg = get_recipe(recipe)
     m, s = load(model)
+    check_budget(m, cfg)  # an impossible bit budget fails here, not after minutes of calibration
     calib = collect(m, s, n=calib_n, steps=steps) if needs_calibration(cfg) else None
     # finished AQ layers are kept beside the output, so an interrupted run resumes at its layer
     resume = out.parent / f".{out.name}.layers"

@@ -155,6 +155,27 @@ def laq_config(model: nn.Module, config: QuantConfig, calib: CalibrationData, sc
     return new, log
 
 
+def check_budget(model: nn.Module, config: QuantConfig | AQConfig) -> None:
+    """Fails at once, before any calibration, when an AQ recipe's bit budget cannot be met."""
+    if isinstance(config, AQConfig):
+        config = config.to_quant_config()
+    io = io_layer_names(model)
+    layers = {k: v for k, v in quantizable_layers(model).items() if config.selects(k)}
+    aq = {n: m for n, m in layers.items() if config.weight_for(n, io).method == "aq"}
+    if not aq:
+        return
+    if not config.laq:
+        _check_aq_budget(config, layers, io)
+        return
+    from diffquant.methods.laq import allocate
+
+    target = config.weight.target_bits or max(config.weight_for(n, io).target_bits for n in aq)
+    fixed = [quantize_weight(m.weight, config.weight_for(n, io).to_spec(), n) for n, m in layers.items()
+             if n not in aq and config.weight_for(n, io).method != "fp"]
+    allocate({n: tuple(m.weight.shape) for n, m in aq.items()}, {n: {"sens": 1.0, "layer_error": 1.0} for n in aq},
+             target, sum(q.stored_bits() for q in fixed), sum(q.numel for q in fixed))
+
+
 def _check_aq_budget(config: QuantConfig, layers: dict, io: set[str]) -> None:
     """Tiny layers may fall back to uniform; a budget that no layer can meet is an error."""
     aq = {n: m for n, m in layers.items() if config.weight_for(n, io).method == "aq"}

@@ -1,0 +1,68 @@
+"""Writes the README's result tables from the JSON in benchmarks/results (between the markers
+`<!-- tables:start -->` and `<!-- tables:end -->`), so the README never quotes a number by hand.
+
+    python benchmarks/readme_tables.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from summarize import table  # noqa: E402
+
+ROOT = Path(__file__).parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+ORDER = ["fp", "w8a8", "w4a8", "w4a6", "w3a8", "w2a8", "w4a16", "w3a16", "w2a16", "aq-w4a8", "aq-w3a8", "aq-w2a8",
+         "aq-w1.5a8", "aq-w4a8-ft", "aq-w3a8-noft", "aq-w2a8-noft", "aq-w1.5a8-noft", "aq-w2a8-pv", "aq-w2a8-flat",
+         "aq-w2a8-nolaq"]
+
+
+def _key(r: dict) -> tuple:
+    m = r["method"]
+    return (ORDER.index(m), 0) if m in ORDER else (len(ORDER), m)
+
+
+def _header(docs: list[dict], names: list[str]) -> str:
+    parts = []
+    for d, n in zip(docs, names, strict=True):
+        m = d.get("machine", {})
+        parts.append(f"`{n}` (n={d['n']}, commit {d.get('commit', '?')[:10]}, wall {d.get('wall_time_s')} s)")
+    m = docs[0].get("machine", {})
+    return f"{', '.join(parts)}; {m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')}"
+
+
+def section(title: str, files: list[str], model: str) -> str:
+    docs = [json.loads((RESULTS / f).read_text()) for f in files if (RESULTS / f).exists()]
+    names = [f for f in files if (RESULTS / f).exists()]
+    rows = sorted([r for d in docs for r in d["rows"] if r["model"] == model], key=_key)
+    return f"**{title}**: {_header(docs, names)}\n\n{table(rows)}\n"
+
+
+def main() -> int:
+    blocks = [
+        section("U-Net, full size (5,000 samples)", ["quality-full-mnist-unet.json"], "mnist-unet"),
+        section("DiT, full size (5,000 samples)", ["quality-full-mnist-dit.json"], "mnist-dit"),
+        section("U-Net, quick size (1,000 samples)", ["quality-quick-mnist-unet.json"], "mnist-unet"),
+        section("DiT, quick size (1,000 samples)", ["quality-quick-mnist-dit.json", "quality-quick-mnist-dit-aq.json"],
+                "mnist-dit"),
+        section("FP with other noise (seeds 10,000+): the seed-to-seed noise of each metric, U-Net",
+                ["quality-quick-fp-seed10000.json"], "mnist-unet"),
+        section("FP with other noise, DiT", ["quality-quick-fp-seed10000.json"], "mnist-dit"),
+    ]
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- tables:start -->", "<!-- tables:end -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"README.md lacks the markers {start} / {end}")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(head + start + "\n" + "\n".join(blocks) + end + tail)
+    print(f"wrote {len(blocks)} tables into {readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
