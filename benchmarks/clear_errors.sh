@@ -34,7 +34,7 @@ show() {
   echo '{"name": "typo", "weight": {"method": "uniform", "bitz": 4}}' > "$tmp/typo.json"
   show quantize mnist-dit --recipe "$tmp/typo.json" --out "$tmp/q"
   echo "## an AQ budget below what codebooks cost"
-  echo '{"name": "aq-w0.5", "weight": {"method": "aq", "target_bits": 0.5}}' > "$tmp/aq05.json"
+  echo '{"name": "aq-w0.2", "weight": {"method": "aq", "target_bits": 0.2}}' > "$tmp/aq05.json"
   show quantize mnist-unet --recipe "$tmp/aq05.json" --out "$tmp/q"
   echo "## labels out of range"
   show sample mnist-dit -n 4 --labels 3-12 --out "$tmp/x.npz"
