@@ -13,6 +13,7 @@ memory are already fp16-rounded, so what is evaluated is exactly what is saved.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -72,16 +73,11 @@ class AdditiveWeight(QuantizedWeight):
         return {"codes": pack_bits(self.codes, self.spec.bits), "codebooks": self.codebooks.contiguous(),
                 "scale": self.scale.contiguous()}
 
-    def meta(self) -> dict:
-        return {"format": self.format, "shape": list(self.shape), "spec": self.spec.__dict__}
-
     @classmethod
     def from_packed(cls, state: dict[str, torch.Tensor], meta: dict) -> AdditiveWeight:
         spec = AdditiveSpec(**meta["spec"])
         shape = tuple(meta["shape"])
-        n = 1
-        for s in shape:
-            n *= s
+        n = math.prod(shape)
         out, groups = shape[0], n // shape[0] // spec.group
         codes = unpack_bits(state["codes"], spec.bits, out * groups * spec.codebooks)
         cb = state["codebooks"]

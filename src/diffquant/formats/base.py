@@ -22,9 +22,11 @@ class QuantizedWeight(ABC):
     def packed_state(self) -> dict[str, torch.Tensor]:
         """The tensors as stored on disk (codes bit-packed)."""
 
-    @abstractmethod
+    spec: object  # the format's frozen spec dataclass
+
     def meta(self) -> dict:
         """JSON-able description needed, with packed_state, to rebuild the weight exactly."""
+        return {"format": self.format, "shape": list(self.shape), "spec": self.spec.__dict__}
 
     @classmethod
     @abstractmethod

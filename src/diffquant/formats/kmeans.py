@@ -5,6 +5,7 @@ stays O(weights) instead of O(weights x centroids)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -74,15 +75,10 @@ class KMeansWeight(QuantizedWeight):
     def packed_state(self) -> dict[str, torch.Tensor]:
         return {"codes": pack_bits(self.codes, self.spec.bits), "centroids": self.centroids.contiguous()}
 
-    def meta(self) -> dict:
-        return {"format": self.format, "shape": list(self.shape), "spec": self.spec.__dict__}
-
     @classmethod
     def from_packed(cls, state: dict[str, torch.Tensor], meta: dict) -> KMeansWeight:
         spec = KMeansSpec(**meta["spec"])
         shape = tuple(meta["shape"])
-        n = 1
-        for s in shape:
-            n *= s
+        n = math.prod(shape)
         codes = unpack_bits(state["codes"], spec.bits, n).reshape(shape[0], -1)
         return cls(codes, state["centroids"], shape, spec)

@@ -94,9 +94,6 @@ class UniformWeight(QuantizedWeight):
             state["zero"] = pack_bits(self.zero, self.spec.bits)
         return state
 
-    def meta(self) -> dict:
-        return {"format": self.format, "shape": list(self.shape), "spec": self.spec.__dict__}
-
     @classmethod
     def from_packed(cls, state: dict[str, torch.Tensor], meta: dict) -> UniformWeight:
         spec = UniformSpec(**meta["spec"])
