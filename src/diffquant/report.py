@@ -64,6 +64,49 @@ def _table(rows: list[dict]) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
+def _kernel_plot(rows: list[dict]) -> bytes:
+    """Speed-up over fp32 dense against tokens, one line per (layer, config), for our kernel."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, cfg in zip(axes, ("1x8", "2x8"), strict=True):
+        lut = [r for r in rows if r["impl"] == "diffquant_lut" and r["config"] == cfg]
+        for layer in dict.fromkeys(r["layer"] for r in lut):
+            pts = sorted((r["tokens"], r["speedup_vs_fp32"]) for r in lut if r["layer"] == layer)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=layer)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_title(f"diffquant_lut, {cfg} codebooks")
+        ax.set_xlabel("tokens (pixels for convolutions)")
+    axes[0].set_ylabel("speed-up over torch fp32 dense")
+    axes[1].legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _kernel_section(name: str, doc: dict) -> str:
+    rows = doc["rows"]
+    m = doc.get("provenance", {}).get("machine", {})
+    cols = ["layer", "config", "tokens", "impl", "median_ms", "speedup_vs_fp32", "flop_bound", "weight_bytes",
+            "max_rel_error"]
+    head = "".join(f"<th>{c}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '-')))}</td>" for c in cols) + "</tr>"
+                   for r in rows)
+    return (f"<h2>{html.escape(name)}: AQ kernels</h2><p>commit {doc.get('provenance', {}).get('commit')} · "
+            f"{html.escape(str(m.get('cpu')))} · {doc.get('threads')} threads · median of timed runs; "
+            "flop_bound = dense multiply-adds / lookup operations</p>"
+            + _img_tag(_kernel_plot(rows), "kernel speed-ups") + f"<table><tr>{head}</tr>{body}</table>")
+
+
 def make_report(results: list[Path | str], out: Path | str) -> Path:
     parts = ["<!doctype html><meta charset='utf-8'><title>diffquant report</title><style>"
              "body{font-family:sans-serif;margin:2em;max-width:1300px} table{border-collapse:collapse;font-size:13px}"
@@ -76,6 +119,9 @@ def make_report(results: list[Path | str], out: Path | str) -> Path:
         rows = doc.get("rows", [])
         if not rows:
             raise ValueError(f"{res} holds no result rows; run a benchmark first")
+        if "impl" in rows[0]:  # benchmarks/kernels.py
+            parts.append(_kernel_section(res.name, doc))
+            continue
         m = doc.get("machine", {})
         parts.append(f"<h2>{html.escape(res.name)}</h2><p>benchmark {doc.get('benchmark')} · n={doc.get('n')} · "
                      f"DDIM {doc.get('steps')} steps · seed {doc.get('seed')} · commit {doc.get('commit')} · "

@@ -3,6 +3,11 @@
 They hold the quantized weight (a `formats` object, the source of truth that is saved) and compute
 with its dequantized fp32 copy, cached once: for uniform and k-means formats this is numerically
 what a low-bit kernel computes, and it keeps sampling as fast as the FP model on the CPU.
+
+Additive-codebook (AQ) layers run through `kernels.dispatch` whenever no gradient is wanted: the
+lookup-table kernel on the CPU or the Triton one on a GPU where measured faster, the dense copy
+otherwise. `free_dense()` drops the dense copy (memory of the codes only; the reference path then
+dequantizes per call). Training (fine-tuning) always takes the dense, differentiable path.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from diffquant.formats.base import QuantizedWeight
+from diffquant.kernels import dispatch
 from diffquant.nn.act import ActQuantizer, ActSpec
 
 
@@ -28,6 +34,33 @@ class QuantLayer(nn.Module):
     def set_qweight(self, qweight: QuantizedWeight) -> None:
         self.qweight = qweight
         self.weight = qweight.dequantize()
+        self._kstate = None
+
+    def free_dense(self) -> None:
+        """Drop the cached dense weight (AQ layers: the kernels read the codes)."""
+        self.weight = None
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight if self.weight is not None else self.qweight.dequantize()
+
+    def _aq_impl(self, x: torch.Tensor, tokens: int) -> str:
+        """'dense' unless this is an AQ layer at inference and dispatch picks a kernel for the shape."""
+        if self.qweight.format != "additive" or (torch.is_grad_enabled() and (
+                x.requires_grad or (self.weight is not None and self.weight.requires_grad))):
+            return "dense"
+        spec, out = self.qweight.spec, self.qweight.shape[0]
+        impl = dispatch.choose(x.device, tokens, out, self.qweight.in_flat, spec.codebooks, 1 << spec.bits, spec.group)
+        return "dense" if impl == "reference" else impl
+
+    def _kernel_state(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ks = getattr(self, "_kstate", None)
+        if ks is None or ks[0].device != device:
+            from diffquant.kernels.cpu import kernel_layout
+
+            q = self.qweight
+            ks = tuple(t.to(device) for t in kernel_layout(q.codes, q.codebooks, q.scale, q.spec.bits))
+            self._kstate = ks
+        return ks
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(x) if self.act is not None else x
@@ -39,7 +72,17 @@ class QuantLinear(QuantLayer):
         self.out_features, self.in_features = qweight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._input(x), self.weight, self.bias)
+        x = self._input(x)
+        impl = self._aq_impl(x, x.numel() // max(1, x.shape[-1]))
+        if impl == "dense":
+            return F.linear(x, self.dense_weight(), self.bias)
+        cb, codes, scale = self._kernel_state(x.device)
+        bias = None if self.bias is None else self.bias.float().contiguous()
+        if impl == "lut":
+            from diffquant.kernels.cpu import aq_linear
+        else:
+            from diffquant.kernels.triton_kernels import aq_linear
+        return aq_linear(x, cb, codes, scale, bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.qweight.format}, {self.qweight.meta()['spec']}"
@@ -58,7 +101,17 @@ class QuantConv2d(QuantLayer):
                 "padding": list(self.padding) if isinstance(self.padding, tuple) else self.padding}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(self._input(x), self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        x = self._input(x)
+        impl = "dense" if self.groups != 1 or x.dim() != 4 else self._aq_impl(x, x.shape[-1] * x.shape[-2])
+        if impl == "lut" and not isinstance(self.padding, str):
+            from diffquant.kernels.cpu import aq_conv2d
+
+            cb, codes, scale = self._kernel_state(x.device)
+            bias = None if self.bias is None else self.bias.float().contiguous()
+            pad = self.padding if isinstance(self.padding, tuple) else (self.padding, self.padding)
+            return aq_conv2d(x, cb, codes, scale, bias, tuple(self.qweight.shape[2:]), self.stride, pad,
+                             self.dilation).to(x.dtype)
+        return F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         spec = self.qweight.meta()["spec"]

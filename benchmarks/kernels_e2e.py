@@ -1,0 +1,172 @@
+"""End to end: whole models with the AQ kernels against the dequantized path and FP.
+
+1. The zoo's AQ W2A8 U-Net (a folder written by `diffquant quantize mnist-unet --recipe aq-w2a8 --out DIR`):
+   sampling N images (20 DDIM steps, batch N) as FP, as AQ on the dequantized dense path
+   (`reference`), with dispatch's choice per layer (`auto`: the zoo's layers are small, so mostly dense),
+   and on the lookup kernels everywhere with the dense copies dropped (`lut`).
+2. One forward at batch 1 of a randomly initialised denoiser with LDM-4 ImageNet's shapes (diffusers
+   UNet2DModel, 192-384-576-960 channels, 64x64x3 input, 264M parameters with aq_speed.LDM4), every Linear / Conv2d
+   holding random AQ codes: 2x8 (g = 8) for linears and 1x1 convs, KAQ 1x8 (g = 9) for 3x3 convs;
+   FP dense, AQ dequantized-dense, AQ `auto` (dispatch: lookup where measured faster), AQ `lut`.
+
+Each case runs in a fresh process, so that its peak resident memory (ru_maxrss) is its own; the
+memory the weights take is `weights_held_mib` (peak RSS includes loading through dense weights).
+
+    python benchmarks/kernels_e2e.py --unet runs/unet-aq-w2a8 --json benchmarks/results/kernels-e2e.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from diffquant.io_utils import write_json
+from diffquant.provenance import provenance
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def held_mib(model) -> float:
+    """Bytes the model holds for its weights: parameters, buffers (a quantized layer's dense copy is one),
+    the quantized tensors and the kernels' prepared layout. Peak RSS cannot show this: loading passes
+    through the dense weights either way."""
+    from diffquant.nn.layers import QuantLayer
+
+    seen, n = set(), 0
+    tensors = list(model.parameters()) + list(model.buffers())
+    for mod in model.modules():
+        if isinstance(mod, QuantLayer):
+            tensors += [t for t in vars(mod.qweight).values() if torch.is_tensor(t)]
+            tensors += list(getattr(mod, "_kstate", None) or ())
+    for t in tensors:
+        if t is not None and id(t) not in seen:
+            seen.add(id(t))
+            n += t.numel() * t.element_size()
+    return round(n / 2**20, 1)
+
+
+def case_zoo(unet: str, mode: str, n: int) -> dict:
+    from diffquant.kernels import dispatch
+    from diffquant.models import load
+    from diffquant.nn.layers import QuantLayer
+    from diffquant.pipelines import balanced_labels, sample
+
+    m, s = load("mnist-unet" if mode == "fp" else unet)
+    if mode == "lut":
+        for mod in m.modules():
+            if isinstance(mod, QuantLayer) and mod.qweight.format == "additive":
+                mod.free_dense()
+    labels = balanced_labels(n)
+    rss0 = _rss_mib()
+    with dispatch.force({"fp": "reference", "reference": "reference", "auto": "auto", "lut": "lut"}[mode]):
+        t = time.perf_counter()
+        x = sample(m, s, labels, seed=0, steps=20, batch_size=n, progress=False)
+        wall = time.perf_counter() - t
+    return {"wall_s": round(wall, 3), "weights_held_mib": held_mib(m), "rss_before_sampling_mib": round(rss0, 1),
+            "peak_rss_mib": round(_rss_mib(), 1), "checksum": float(x.float().mean())}
+
+
+def ldm4_aq_model(seed: int = 0):
+    from diffusers import UNet2DModel
+
+    from diffquant.formats.additive import AdditiveSpec, AdditiveWeight
+    from diffquant.nn.layers import QuantConv2d, QuantLinear
+    from diffquant.nn.swap import quantizable_layers, set_module
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from aq_speed import LDM4
+
+    torch.manual_seed(seed)
+    model = UNet2DModel(**LDM4).eval()
+    gen = torch.Generator().manual_seed(seed)
+    for name, mod in quantizable_layers(model).items():
+        w = mod.weight
+        out, in_flat = w.shape[0], w[0].numel()
+        kaq = w.dim() == 4 and w.shape[-1] == 3 and w.shape[-2] == 3
+        spec = AdditiveSpec(1, 8, 9) if kaq else AdditiveSpec(2, 8, 8)
+        if in_flat % spec.group or (w.dim() == 4 and mod.groups != 1):
+            continue
+        cb = torch.randn(spec.codebooks, 1 << spec.bits, spec.group, generator=gen) * w.std().item()
+        codes = torch.randint(0, 1 << spec.bits, (out, in_flat // spec.group, spec.codebooks), generator=gen)
+        qw = AdditiveWeight(codes, cb, torch.ones(out), tuple(w.shape), spec)
+        new = QuantLinear(qw, mod.bias) if w.dim() == 2 else QuantConv2d(qw, mod.bias, mod)
+        set_module(model, name, new)
+    return model
+
+
+def case_ldm4(mode: str, reps: int) -> dict:
+    from diffquant.kernels import dispatch
+    from diffquant.nn.layers import QuantLayer
+
+    if mode == "fp":
+        from diffusers import UNet2DModel
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        from aq_speed import LDM4
+
+        model = UNet2DModel(**LDM4).eval()
+    else:
+        model = ldm4_aq_model()
+        if mode in ("lut", "auto"):
+            for mod in model.modules():
+                if isinstance(mod, QuantLayer):
+                    mod.free_dense() if mode == "lut" else None
+    x, t, y = torch.randn(1, 3, 64, 64), torch.tensor([500]), torch.tensor([1])
+    rss0 = _rss_mib()
+    force = {"fp": "reference", "reference": "reference", "auto": "auto", "lut": "lut"}[mode]
+    times = []
+    with torch.no_grad(), dispatch.force(force):
+        model(x, t, class_labels=y)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            out = model(x, t, class_labels=y).sample
+            times.append(time.perf_counter() - t0)
+    params = sum(p.numel() for p in model.parameters())
+    return {"forward_s": round(sorted(times)[len(times) // 2], 3), "weights_held_mib": held_mib(model),
+            "rss_after_build_mib": round(rss0, 1),
+            "peak_rss_mib": round(_rss_mib(), 1), "fp32_params_left": params, "checksum": float(out.mean())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--unet", default="runs/unet-aq-w2a8", help="a saved AQ W2A8 mnist-unet folder")
+    ap.add_argument("-n", type=int, default=64, help="images to sample (one batch)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: one case in this process
+    args = ap.parse_args()
+    if args.case:
+        kind, mode = args.case.split(":")
+        r = case_zoo(args.unet, mode, args.n) if kind == "zoo" else case_ldm4(mode, args.reps)
+        print("RESULT " + json.dumps(r))
+        return
+    if not Path(args.unet).is_dir():
+        sys.exit(f"error: {args.unet} is not a quantized model folder; make it with "
+                 f"`diffquant quantize mnist-unet --recipe aq-w2a8 --out {args.unet}`")
+    rows = []
+    cases = [f"{k}:{m}" for k in ("zoo", "ldm4") for m in ("fp", "reference", "auto", "lut")]
+    for case in cases:
+        p = subprocess.run([sys.executable, __file__, "--case", case, "--unet", args.unet, "-n", str(args.n),
+                            "--reps", str(args.reps)], capture_output=True, text=True)
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+        if p.returncode or not line:
+            sys.exit(f"case {case} failed:\n{p.stderr[-3000:]}")
+        row = {"case": case, **json.loads(line[0][7:])}
+        rows.append(row)
+        print(row, flush=True)
+    out = {"provenance": provenance(), "threads": torch.get_num_threads(), "unet": args.unet, "n": args.n, "rows": rows}
+    if args.json:
+        write_json(args.json, out)
+
+
+if __name__ == "__main__":
+    main()

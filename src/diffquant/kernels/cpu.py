@@ -1,0 +1,110 @@
+"""CPU lookup-table kernels for additive-codebook weights (aq_lut.cpp), built on first use.
+
+The C++ source is compiled once per machine through torch's own extension builder
+(torch.utils.cpp_extension: ninja + the system C++ compiler, with OpenMP and the host's vector
+instructions) and cached under ~/.cache/diffquant/kernels; later imports load the cached library
+in well under a second. Why C++ and not numba (AQLM's choice): the same algorithm written in numba
+ran 7-8x slower than torch fp32 dense at 16-4096 tokens on this machine (per-row array views and no
+control over the accumulator living in registers), while the C++ one is faster than dense
+(`benchmarks/kernels.py` measures both: impl `numba_lut`).
+
+Entry points take the layout the kernel wants (`kernel_layout`: fp32 codebooks, uint8/int16 codes,
+fp32 scale); the AQ modules prepare it once (`kernels.dispatch.use_kernels`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+_SOURCE = Path(__file__).with_name("aq_lut.cpp")
+_module = None
+
+
+class KernelBuildError(RuntimeError):
+    pass
+
+
+def build_dir() -> Path:
+    root = Path(os.environ.get("DIFFQUANT_KERNEL_CACHE", Path.home() / ".cache" / "diffquant" / "kernels"))
+    return root
+
+
+def _flags() -> list[str]:
+    return ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-DNDEBUG"]
+
+
+def load_extension(verbose: bool = False):
+    """The compiled module (built on the first call on this machine, cached afterwards)."""
+    global _module
+    if _module is not None:
+        return _module
+    from torch.utils.cpp_extension import load
+
+    src = _SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join(_flags()).encode() + platform.machine().encode()
+                         + torch.__version__.encode()).hexdigest()[:12]
+    d = build_dir() / f"aq_lut_{key}"
+    d.mkdir(parents=True, exist_ok=True)
+    try:
+        _module = load(name=f"diffquant_aq_lut_{key}", sources=[str(_SOURCE)], extra_cflags=_flags(),
+                       extra_ldflags=["-fopenmp"], build_directory=str(d), verbose=verbose)
+    except Exception as e:  # compiler missing or failing: callers fall back to the reference path
+        raise KernelBuildError(f"could not build the CPU lookup-table kernel ({type(e).__name__}: {e}); "
+                               "install a C++ compiler (g++) and ninja, or force the reference path "
+                               "with DIFFQUANT_AQ_KERNEL=reference") from e
+    return _module
+
+
+def available() -> bool:
+    try:
+        load_extension()
+        return True
+    except KernelBuildError:
+        return False
+
+
+def aq_linear(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+              bias: torch.Tensor | None, jb: int = 8) -> torch.Tensor:
+    """x (..., in) @ W^T + bias, W given by AQ codes (out, groups, M) in the kernel layout (see
+    `kernel_layout`); the input is transposed to token-contiguous and the output back."""
+    if not x.is_cpu:
+        raise ValueError(f"the lookup-table kernel runs on the CPU; got a tensor on {x.device} (use 'triton' there)")
+    ext = load_extension()
+    lead, n_in = x.shape[:-1], x.shape[-1]
+    xt = x.reshape(-1, n_in).float().t().contiguous()
+    return ext.aq_matmul_tokens(xt, codebooks, codes, scale, bias, jb).t().reshape(*lead, -1)
+
+
+def aq_conv2d(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+              bias: torch.Tensor | None, kernel_size: tuple[int, int], stride, padding, dilation,
+              jb: int = 8) -> torch.Tensor:
+    """KAQ Conv2d (groups == 1): F.unfold lays each patch out channel-major, so group j of the unfolded
+    column is one input channel's k x k slice, and the table row is that slice against every codeword
+    kernel (the channel convolved with the codeword kernels, at this pixel). The token-contiguous
+    gather-sum then yields each image's (out, pixels) plane directly, with no transposes."""
+    if not x.is_cpu:
+        raise ValueError(f"the lookup-table kernel runs on the CPU; got a tensor on {x.device}")
+    ext = load_extension()
+    n, _, h, w = x.shape
+    kh, kw = kernel_size
+    cols = F.unfold(x.float(), (kh, kw), dilation=dilation, padding=padding, stride=stride)
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out = torch.empty(n, codes.shape[0], ho * wo, dtype=torch.float32)
+    for i in range(n):
+        out[i] = ext.aq_matmul_tokens(cols[i].contiguous(), codebooks, codes, scale, bias, jb)
+    return out.reshape(n, codes.shape[0], ho, wo)
+
+
+def kernel_layout(codes: torch.Tensor, codebooks: torch.Tensor, scale: torch.Tensor, bits: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codebooks fp32, codes uint8 / int16, scale fp32), contiguous: what the C++ kernel reads. Codes of
+    up to 8 bits take one byte each (exact for B = 8), up to 16 bits two."""
+    c = codes.to(torch.uint8) if bits <= 8 else codes.to(torch.int32).to(torch.int16)
+    return codebooks.float().contiguous(), c.contiguous(), scale.float().contiguous()

@@ -1,0 +1,85 @@
+"""Which AQ product runs: per device and shape, from measured thresholds; forceable.
+
+Paths: `reference` (dequantize, then torch's dense op: exact, the fallback), `lut` (the C++ lookup-table
+kernel, CPU) and `triton` (dequantize-in-the-tile, GPU). `auto` picks `triton` on CUDA when Triton is
+installed, and on the CPU `lut` whenever the layer's FLOP bound (dense multiply-adds over lookup
+operations, `flop_bound`) reaches the break-even measured by `benchmarks/kernels.py` for that token
+count (shipped in `thresholds.json`; the benchmark's `--write-thresholds` refreshes it). Force one
+with the environment variable DIFFQUANT_AQ_KERNEL=reference|lut|triton or `with force("lut"):`; a
+forced path that cannot run (no compiler, no GPU) raises, an `auto` one falls back to `reference`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+IMPLS = ("auto", "reference", "lut", "triton")
+_THRESHOLDS = Path(__file__).with_name("thresholds.json")
+_forced: list[str] = []
+_cache: dict = {}
+
+
+def _check(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"unknown AQ kernel {impl!r}; choose one of {', '.join(IMPLS)}")
+    return impl
+
+
+@contextlib.contextmanager
+def force(impl: str):
+    """Run every AQ layer inside the block with `impl` (one of IMPLS)."""
+    _forced.append(_check(impl))
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def forced() -> str:
+    if _forced:
+        return _forced[-1]
+    return _check(os.environ.get("DIFFQUANT_AQ_KERNEL", "auto"))
+
+
+def flop_bound(out: int, in_flat: int, m: int, k: int, g: int) -> float:
+    """Dense multiply-adds per token over the lookup's operations per token (table: in*M*K
+    multiply-adds; gather-sum: out*(in/g)*M adds)."""
+    return (in_flat * out) / (in_flat * m * k + out * (in_flat // g) * m)
+
+
+def thresholds() -> dict[int, float]:
+    """token count -> the smallest FLOP bound at which `lut` was measured faster than fp32 dense."""
+    if "t" not in _cache:
+        t = {1: 1.5, 16: 1.5, 256: 1.5, 4096: 1.5}
+        if _THRESHOLDS.exists():
+            t = {int(k): float(v) for k, v in json.loads(_THRESHOLDS.read_text())["min_flop_bound"].items()}
+        _cache["t"] = t
+    return _cache["t"]
+
+
+def _lut_ok() -> bool:
+    if "lut" not in _cache:
+        from diffquant.kernels import cpu
+
+        _cache["lut"] = cpu.available()
+    return _cache["lut"]
+
+
+def choose(device: torch.device, tokens: int, out: int, in_flat: int, m: int, k: int, g: int) -> str:
+    impl = forced()
+    if impl != "auto":
+        return impl
+    if device.type == "cuda":
+        from diffquant.kernels import triton_kernels
+
+        return "triton" if triton_kernels.available() else "reference"
+    if device.type != "cpu" or not _lut_ok():
+        return "reference"
+    t = thresholds()
+    nearest = min(t, key=lambda n: abs(n - tokens) / max(n, tokens))
+    return "lut" if flop_bound(out, in_flat, m, k, g) >= t[nearest] else "reference"

@@ -1,0 +1,132 @@
+"""Every AQ kernel equals dequantize-then-dense on fresh random inputs and odd shapes."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from diffquant.formats.additive import AdditiveSpec, AdditiveWeight
+from diffquant.kernels import cpu, dispatch
+from diffquant.kernels.reference import dequant_conv2d, dequant_linear
+from diffquant.nn.layers import QuantConv2d, QuantLinear
+
+needs_lut = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler for the lookup-table kernel")
+
+
+def _random_aq(out, in_flat, m, bits, g, gen):
+    k = 1 << bits
+    cb = torch.randn(m, k, g, generator=gen)
+    codes = torch.randint(0, k, (out, in_flat // g, m), generator=gen)
+    scale = torch.rand(out, generator=gen) + 0.5
+    return cb, codes, scale
+
+
+def _close(y, ref):
+    # fp32 sums in a different order: relative to the output's scale
+    assert (y - ref).abs().max().item() <= 1e-4 * ref.abs().max().item() + 1e-5
+
+
+@needs_lut
+@pytest.mark.parametrize("tokens", [1, 3, 4, 7, 16, 17, 100])
+@pytest.mark.parametrize("out,in_flat,m,bits,g", [(37, 48, 2, 8, 8), (5, 72, 1, 4, 8), (129, 36, 3, 10, 9),
+                                                  (64, 40, 2, 6, 5), (1, 16, 1, 1, 16)])
+def test_lut_linear_equals_reference(tokens, out, in_flat, m, bits, g):
+    gen = torch.Generator().manual_seed(tokens * 1000 + out)
+    cb, codes, scale = _random_aq(out, in_flat, m, bits, g, gen)
+    bias = torch.randn(out, generator=gen) if out % 2 else None
+    x = torch.randn(2, tokens, in_flat, generator=gen)  # leading dims are flattened and restored
+    kcb, kcodes, kscale = cpu.kernel_layout(codes, cb.half(), scale.half(), bits)
+    y = cpu.aq_linear(x, kcb, kcodes, kscale, bias)
+    _close(y, dequant_linear(x, kcb, codes, kscale, bias))
+
+
+@needs_lut
+@pytest.mark.parametrize("batch,cin,cout,hw,stride,pad", [(1, 3, 5, 7, 1, 1), (3, 4, 17, 9, 2, 1), (2, 6, 8, 5, 1, 0)])
+def test_lut_kaq_conv_equals_reference(batch, cin, cout, hw, stride, pad):
+    gen = torch.Generator().manual_seed(cin * 31 + cout)
+    cb, codes, scale = _random_aq(cout, cin * 9, 2, 6, 9, gen)
+    bias = torch.randn(cout, generator=gen)
+    x = torch.randn(batch, cin, hw, hw + 2, generator=gen)
+    kcb, kcodes, kscale = cpu.kernel_layout(codes, cb, scale, 6)
+    y = cpu.aq_conv2d(x, kcb, kcodes, kscale, bias, (3, 3), (stride, stride), (pad, pad), (1, 1))
+    ref = dequant_conv2d(x, kcb, codes, kscale, bias, (cout, cin, 3, 3), (stride, stride), (pad, pad), (1, 1))
+    _close(y, ref)
+
+
+def _modules(gen):
+    cb, codes, scale = _random_aq(40, 64, 2, 8, 8, gen)
+    lin = QuantLinear(AdditiveWeight(codes, cb, scale, (40, 64), AdditiveSpec(2, 8, 8)), torch.randn(40, generator=gen))
+    cb, codes, scale = _random_aq(24, 8 * 9, 1, 8, 9, gen)
+    conv = QuantConv2d(AdditiveWeight(codes, cb, scale, (24, 8, 3, 3), AdditiveSpec(1, 8, 9)),
+                       torch.randn(24, generator=gen), nn.Conv2d(8, 24, 3, padding=1))
+    return lin, conv
+
+
+@needs_lut
+def test_modules_dispatch_and_force():
+    gen = torch.Generator().manual_seed(0)
+    lin, conv = _modules(gen)
+    x, img = torch.randn(5, 64, generator=gen), torch.randn(2, 8, 6, 6, generator=gen)
+    with torch.no_grad():
+        with dispatch.force("reference"):
+            ref_l, ref_c = lin(x), conv(img)
+        with dispatch.force("lut"):
+            _close(lin(x), ref_l)
+            _close(conv(img), ref_c)
+            lin.free_dense()  # the kernel reads the codes only
+            _close(lin(x), ref_l)
+    with dispatch.force("reference"), torch.no_grad():
+        _close(lin(x), ref_l)  # dense weight rebuilt on the fly after free_dense
+
+
+def test_training_takes_the_dense_differentiable_path():
+    gen = torch.Generator().manual_seed(1)
+    lin, _ = _modules(gen)
+    x = torch.randn(3, 64, generator=gen, requires_grad=True)
+    with dispatch.force("lut"):
+        lin(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_dispatch_rules():
+    assert dispatch.flop_bound(3456, 1152, 2, 256, 8) == pytest.approx(2.51, rel=1e-3)
+    assert dispatch.choose(torch.device("cpu"), 16, 16, 64, 2, 256, 8) == "reference"  # bound 0.06: dense wins
+    with pytest.raises(ValueError, match="unknown AQ kernel"), dispatch.force("fast"):
+        pass
+
+
+@pytest.mark.skipif(not cpu.available(), reason="no C++ compiler")
+def test_lut_rejects_mismatched_input():
+    gen = torch.Generator().manual_seed(2)
+    cb, codes, scale = _random_aq(8, 32, 1, 4, 8, gen)
+    kcb, kcodes, kscale = cpu.kernel_layout(codes, cb, scale, 4)
+    with pytest.raises(RuntimeError, match="input features"):
+        cpu.aq_linear(torch.randn(2, 24), kcb, kcodes, kscale, None)
+
+
+def test_triton_interpreter_equals_reference():
+    """The Triton kernel through Triton's CPU interpreter (a fresh process: the interpreter flag is read
+    at import)."""
+    pytest.importorskip("triton")
+    code = """
+import torch
+from diffquant.kernels import triton_kernels as tk
+from diffquant.kernels.reference import dequant_linear
+g = torch.Generator().manual_seed(3)
+for t, i, o, m, b, gs in [(1, 48, 37, 2, 4, 8), (19, 45, 21, 3, 8, 9)]:
+    cb = torch.randn(m, 1 << b, gs, generator=g); s = torch.rand(o, generator=g); bias = torch.randn(o, generator=g)
+    codes = torch.randint(0, 1 << b, (o, i // gs, m), generator=g, dtype=torch.uint8)
+    x = torch.randn(t, i, generator=g)
+    y = tk.aq_linear(x, cb, codes, s, bias, block_o=32, block_i=32)
+    r = dequant_linear(x, cb, codes, s, bias)
+    assert (y - r).abs().max() <= 1e-4 * r.abs().max(), (y - r).abs().max()
+print("ok")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    if "No module named" in r.stderr:
+        pytest.skip(r.stderr.strip().splitlines()[-1])
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
