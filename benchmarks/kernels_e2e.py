@@ -30,6 +30,9 @@ import torch
 from diffquant.io_utils import write_json
 from diffquant.provenance import provenance
 
+sys.path.insert(0, str(Path(__file__).parent))
+from aq_speed import LDM4  # noqa: E402  (LDM-4 ImageNet's U-Net widths, shared with the AQ speed benchmark)
+
 
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -82,9 +85,6 @@ def ldm4_aq_model(seed: int = 0):
     from diffquant.nn.layers import QuantConv2d, QuantLinear
     from diffquant.nn.swap import quantizable_layers, set_module
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from aq_speed import LDM4
-
     torch.manual_seed(seed)
     model = UNet2DModel(**LDM4).eval()
     gen = torch.Generator().manual_seed(seed)
@@ -109,9 +109,6 @@ def case_ldm4(mode: str, reps: int) -> dict:
 
     if mode == "fp":
         from diffusers import UNet2DModel
-
-        sys.path.insert(0, str(Path(__file__).parent))
-        from aq_speed import LDM4
 
         model = UNet2DModel(**LDM4).eval()
     else:

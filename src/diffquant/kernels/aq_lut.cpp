@@ -22,7 +22,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <type_traits>
-#include <vector>
 
 namespace {
 
