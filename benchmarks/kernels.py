@@ -44,8 +44,10 @@ from diffquant.kernels.reference import dequant_conv2d, dequant_linear
 from diffquant.provenance import provenance
 
 LINEARS = {"dit-xl2.qkv": (1152, 3456), "dit-xl2.proj": (1152, 1152), "dit-xl2.fc1": (1152, 4608),
-           "dit-xl2.fc2": (4608, 1152), "sd15.320": (320, 320), "sd15.640": (640, 640), "sd15.1280": (1280, 1280)}
-CONVS = {"ldm4.conv192@32": (192, 32), "ldm4.conv384@16": (384, 16), "ldm4.conv576@8": (576, 8),
+           "dit-xl2.fc2": (4608, 1152), "sd15.320": (320, 320), "sd15.640": (640, 640), "sd15.1280": (1280, 1280),
+           "zoo-unet.128": (128, 128)}  # the zoo's own sizes: the dispatch's minimum layer size comes from these
+CONVS = {"zoo-unet.conv64@16": (64, 16), "zoo-unet.conv128@8": (128, 8),
+         "ldm4.conv192@32": (192, 32), "ldm4.conv384@16": (384, 16), "ldm4.conv576@8": (576, 8),
          "ldm4.conv960@8": (960, 8)}
 TOKENS = (1, 16, 256, 1024, 4096)
 CONFIGS = {"1x8": (1, 8), "2x8": (2, 8)}
@@ -228,15 +230,22 @@ def load_peers() -> dict:
 
 
 def write_thresholds(rows: list[dict]) -> dict:
-    """Per token count: the smallest FLOP bound among configurations where the lookup beat fp32 dense,
-    kept only if every measured configuration at or above it also won (a safe break-even)."""
-    out = {}
+    """Per token count, a safe region for the lookup: the smallest FLOP bound and weight size (in*out)
+    such that every measured configuration with at least both won against fp32 dense; of the safe
+    pairs, the one that keeps the most winners. A FLOP bound alone is not enough: small layers (the
+    zoo's) lose to fixed per-call costs however good their bound."""
+    bounds, sizes = {}, {}
     for t in sorted({r["tokens"] for r in rows}):
         lut = [r for r in rows if r["tokens"] == t and r["impl"] == "diffquant_lut"]
-        cands = sorted(r["flop_bound"] for r in lut if r["speedup_vs_fp32"] > 1.0)
-        best = next((b for b in cands if all(r["speedup_vs_fp32"] > 1.0 for r in lut if r["flop_bound"] >= b)), None)
-        out[t] = best if best is not None else 1e9
-    return out
+        wins = [r for r in lut if r["speedup_vs_fp32"] > 1.0]
+        best, best_n = (1e9, 1 << 62), -1
+        for b in sorted({r["flop_bound"] for r in wins}):
+            for s in sorted({r["in"] * r["out"] for r in wins}):
+                covered = [r for r in lut if r["flop_bound"] >= b and r["in"] * r["out"] >= s]
+                if all(r["speedup_vs_fp32"] > 1.0 for r in covered) and len(covered) > best_n:
+                    best, best_n = (b, s), len(covered)
+        bounds[t], sizes[t] = best
+    return {"min_flop_bound": bounds, "min_weight_elems": sizes}
 
 
 def main() -> None:
@@ -269,7 +278,7 @@ def main() -> None:
     if args.write_thresholds:
         th = write_thresholds(rows)
         result["thresholds"] = th
-        meta = {"source": "benchmarks/kernels.py", "commit": result["provenance"].get("commit"), "min_flop_bound": th}
+        meta = {"source": "benchmarks/kernels.py", "commit": result["provenance"].get("commit"), **th}
         _THRESHOLDS.write_text(json.dumps(meta, indent=1) + "\n")
     if args.json:
         write_json(args.json, result)

@@ -106,6 +106,8 @@ class Protocol:
                 info["finetune"] = m.dq_finetune_log
             if getattr(m, "dq_laq_log", None):
                 info["laq"] = m.dq_laq_log
+            if getattr(m, "dq_recon_log", None):
+                info["recon"] = m.dq_recon_log
             if getattr(m, "dq_aq_log", None):
                 log = m.dq_aq_log
                 info["aq_layers"] = log

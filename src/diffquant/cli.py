@@ -162,13 +162,23 @@ def sample(model, n, out, labels, seed, steps, guidance, sampler, batch_size):
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--calib-n", default=64, show_default=True, help="images sampled for timestep-aware calibration")
 @click.option("--steps", default=20, show_default=True, help="sampling steps of the calibration trajectory")
-def quantize(model, recipe, out, calib_n, steps):
+@click.option("--calib-mode", type=click.Choice(["none", "perstep", "accuquant"]), default=None,
+              help="reconstruction after rounding: Q-Diffusion's per-step objective or AccuQuant's "
+                   "(default: the recipe's; 'none' turns it off)")
+@click.option("--group-steps", "-M", type=int, default=None, help="AccuQuant: DDIM steps simulated per loss")
+@click.option("--calib-grad", type=click.Choice(["o1", "exact"]), default=None,
+              help="AccuQuant: gradient through one step at a time (O(1) memory) or through all M")
+@click.option("--recon-iters", type=int, default=None, help="reconstruction iterations per block")
+def quantize(model, recipe, out, calib_n, steps, calib_mode, group_steps, calib_grad, recon_iters):
     """Quantize MODEL with a recipe and write a packed low-bit folder, usable as MODEL everywhere.
+    Interrupted runs resume: finished AQ layers and reconstruction blocks are kept beside OUT.
 
     \b
     Example:
       diffquant quantize mnist-unet --recipe w4a8 --out runs/unet-w4a8
       diffquant quantize mnist-dit --recipe my_recipe.json --out runs/dit-custom
+      diffquant quantize mnist-unet --recipe w3a6-accuquant -M 8 --out runs/unet-w3a6-aq8
+      diffquant quantize mnist-unet --recipe w4a8 --calib-mode perstep --out runs/unet-w4a8-qdiff
     """
     from diffquant.calibration.collect import collect
     from diffquant.checkpoint import save
@@ -176,18 +186,80 @@ def quantize(model, recipe, out, calib_n, steps):
     from diffquant.models import load
     from diffquant.quantize import check_budget, needs_calibration, quantize_
 
-    cfg = get_recipe(recipe)
+    cfg = _with_recon(get_recipe(recipe), calib_mode, group_steps, calib_grad, recon_iters)
     m, s = load(model)
     check_budget(m, cfg)  # an impossible bit budget fails here, not after minutes of calibration
     calib = collect(m, s, n=calib_n, steps=steps) if needs_calibration(cfg) else None
     # finished AQ layers are kept beside the output, so an interrupted run resumes at its layer
     resume = out.parent / f".{out.name}.layers"
     quantize_(m, cfg, calib=calib, progress=True, resume_dir=resume, scheduler=s)
-    extra = {k: getattr(m, f"dq_{k}_log") for k in ("aq", "laq", "finetune") if getattr(m, f"dq_{k}_log", None)} or None
+    extra = {k: getattr(m, f"dq_{k}_log") for k in ("aq", "laq", "finetune", "recon")
+             if getattr(m, f"dq_{k}_log", None)} or None
     path = save(m, out, s, source=model, extra=extra)
     shutil.rmtree(resume, ignore_errors=True)
     meta = json.loads((path / "diffquant.json").read_text())
     click.echo(f"wrote {path}: {meta['effective_bits']:.3f} effective bits, {meta['checkpoint_bytes']:,} bytes")
+
+
+def _with_recon(cfg, mode, m, grad, iters):
+    """The recipe with the command line's reconstruction options applied (a clear error if they
+    make no sense together)."""
+    import dataclasses
+
+    from diffquant.methods.accuquant import ReconConfig
+
+    if mode == "none":
+        return dataclasses.replace(cfg, recon=None)
+    base = cfg.recon
+    if mode is None and base is None:
+        if m is not None or grad is not None or iters is not None:
+            raise click.UsageError(f"recipe {cfg.name!r} has no reconstruction; add --calib-mode perstep|accuquant "
+                                   "to use --group-steps / --calib-grad / --recon-iters")
+        return cfg
+    changes = {k: v for k, v in (("objective", mode), ("group_steps", m), ("grad", grad), ("iters", iters))
+               if v is not None}
+    if changes.get("objective", (base or ReconConfig()).objective) == "perstep" and ("group_steps" in changes
+                                                                                     or "grad" in changes):
+        raise click.UsageError("--group-steps and --calib-grad apply to --calib-mode accuquant only")
+    try:
+        recon = dataclasses.replace(base or ReconConfig(), **changes)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    if cfg.act is not None and cfg.act.mode == "static":
+        return dataclasses.replace(cfg, recon=recon, split_skips=True)
+    return dataclasses.replace(cfg, recon=recon)
+
+
+@main.command("analyze-trajectory")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--ref", required=True, help="the FP reference model (zoo name or folder)")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="folder for trajectory.json and .png")
+@click.option("-n", "n", default=64, show_default=True, help="trajectories (seeds 0..n-1 of the evaluation)")
+@click.option("--steps", default=20, show_default=True)
+def analyze_trajectory(models, ref, out, n, steps):
+    """Plot how far each quantized MODEL's trajectory drifts from REF's: the error one step adds, and
+    the distance accumulated since the noise, against the step index.
+
+    \b
+    Example:
+      diffquant analyze-trajectory runs/unet-w3a6 runs/unet-w3a6-perstep runs/unet-w3a6-accuquant \\
+          --ref mnist-unet --out runs/trajectory-w3a6
+    """
+    from diffquant.io_utils import write_json
+    from diffquant.models import load
+    from diffquant.provenance import provenance
+    from diffquant.trajectory import analyze, plot
+
+    fp, sched = load(ref)
+    results = {}
+    for name in models:
+        m, _ = load(name)
+        results[Path(name).name] = analyze(m, fp, sched, n=n, steps=steps)
+        acc = results[Path(name).name]["accumulated_rms"]
+        click.echo(f"{name}: accumulated RMS distance after step 1 {acc[0]:.4f}, at the end {acc[-1]:.4f}")
+    write_json(out / "trajectory.json", {"ref": ref, "results": results, **provenance()})
+    png = plot(results, out / "trajectory.png", title=f"trajectory error against {ref}")
+    click.echo(f"wrote {out / 'trajectory.json'} and {png}")
 
 
 @main.command("eval")

@@ -13,6 +13,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from diffquant.formats import AdditiveSpec, KMeansSpec, UniformSpec
+from diffquant.methods.accuquant import ReconConfig
 from diffquant.methods.pv_tuning import PVConfig
 from diffquant.nn.act import ActSpec
 
@@ -69,6 +70,8 @@ class QuantConfig:
     act_exclude: tuple[str, ...] = ()  # layers whose inputs stay in full precision
     finetune: PVConfig | None = None  # SeMI-PV distillation after the layer-wise AQ step
     laq: bool = False  # AQ layers: per-layer budgets from measured sensitivity (LAQ), average = target_bits
+    recon: ReconConfig | None = None  # reconstruction after rounding: per-step (Q-Diffusion) or AccuQuant
+    split_skips: bool = False  # U-Net skip concatenations: separate activation ranges for the two halves
 
     def weight_for(self, name: str, io_layers: set[str]) -> WeightConfig:
         for pattern, wc in self.layers.items():
@@ -99,6 +102,7 @@ class QuantConfig:
         d["weight"] = WeightConfig(**d.get("weight", {}))
         d["act"] = ActSpec(**d["act"]) if d.get("act") else None
         d["finetune"] = PVConfig(**d["finetune"]) if d.get("finetune") else None
+        d["recon"] = ReconConfig(**d["recon"]) if d.get("recon") else None
         d["layers"] = {k: WeightConfig(**v) for k, v in d.get("layers", {}).items()}
         for k in ("include", "exclude", "act_exclude"):
             if k in d:
@@ -151,6 +155,19 @@ def _rtn(name: str, wbits: int, abits: int | None) -> QuantConfig:
 SEMI_PV = PVConfig()
 
 
+RECON_SETTINGS = ((4, 8), (3, 8), (3, 6))
+
+
+def _recon(name: str, wbits: int, abits: int, objective: str, m: int = 4) -> QuantConfig:
+    """Q-Diffusion's baseline (`perstep`) or AccuQuant (`accuquant`, groups of M DDIM steps, O(1)
+    memory): the same RTN grid (per-channel Lp-clipped) and 8-bit first / last layer, split skip
+    activations, then reconstruction of AdaRound roundings and LSQ activation ranges, unit by unit;
+    the two differ only in the objective."""
+    return QuantConfig(name=name, weight=WeightConfig("uniform", wbits, clip="lp"), act=ActSpec(abits, "static"),
+                       layers=dict(IO_8BIT), recon=ReconConfig(objective=objective, group_steps=m),
+                       split_skips=True)
+
+
 def _aq(name: str, target_bits: float, abits: int | None, finetune: PVConfig | None = SEMI_PV,
         kernel_aware: bool = True, laq: bool = True) -> QuantConfig:
     """AQUATIC-Diff: additive codebooks chosen per layer within `target_bits` effective bits (codebooks
@@ -170,6 +187,7 @@ RECIPES: dict[str, QuantConfig] = {
         _rtn("w3a8", 3, 8),
         _rtn("w2a8", 2, 8),
         _rtn("w4a6", 4, 6),
+        _rtn("w3a6", 3, 6),
         _rtn("w4a16", 4, None),
         _rtn("w3a16", 3, None),
         _rtn("w2a16", 2, None),
@@ -185,6 +203,9 @@ RECIPES: dict[str, QuantConfig] = {
         _aq("aq-w2a8-pv", 2, 8, finetune=PVConfig(semi=False)),
         _aq("aq-w2a8-flat", 2, 8, kernel_aware=False),
         _aq("aq-w2a8-nolaq", 2, 8, laq=False),
+        # AccuQuant against its per-step baseline (Q-Diffusion), at W4A8, W3A8 and W3A6
+        *[_recon(f"w{w}a{a}-{obj}", w, a, obj) for w, a in RECON_SETTINGS for obj in ("perstep", "accuquant")],
+        *[_recon(f"w{w}a{a}-accuquant-m{m}", w, a, "accuquant", m) for w, a in RECON_SETTINGS for m in (2, 8)],
     ]
 }
 
@@ -201,7 +222,12 @@ def describe(r: QuantConfig) -> str:
             how += ", SeMI-PV" if r.finetune.semi else ", PV (no momentum invalidation)"
     else:
         how = f"W{w.bits} {w.method} per-channel {w.clip}"
+    if r.recon is not None:
+        how += (", per-step block reconstruction (AdaRound + LSQ)" if r.recon.objective == "perstep" else
+                f", AccuQuant reconstruction over {r.recon.group_steps} DDIM steps ({r.recon.grad} gradient)")
     act = f"A{r.act.bits} {r.act.mode}" if r.act else "A16 (fp activations)"
+    if r.split_skips and r.act:
+        act += ", split skip concatenations"
     return f"{how}; {act}; first/last layer W8"
 
 

@@ -19,6 +19,7 @@ from diffquant.formats import AdditiveWeight, KMeansSpec, KMeansWeight, UniformW
 from diffquant.formats.base import QuantizedWeight
 from diffquant.io_utils import atomic_path
 from diffquant.methods.aquatic import AQSearch, gram, quantize_layer
+from diffquant.methods.recon import skip_splits
 from diffquant.nn.layers import QuantConv2d, QuantLayer, QuantLinear
 from diffquant.nn.swap import io_layer_names, quantizable_layers, set_module
 
@@ -82,7 +83,11 @@ def quantize_(model: nn.Module, config: QuantConfig | AQConfig, calib: Calibrati
     if config.finetune is not None and scheduler is None:
         raise ValueError(f"recipe {config.name!r} fine-tunes with SeMI-PV, whose teacher samples with the model's "
                          "scheduler. Fix: quantize_(model, config, calib=calib, scheduler=scheduler).")
-    teacher = copy.deepcopy(model).eval() if config.finetune is not None else None
+    if config.recon is not None and scheduler is None:
+        raise ValueError(f"recipe {config.name!r} reconstructs against the FP model's own sampling trajectories. "
+                         "Fix: quantize_(model, config, calib=calib, scheduler=scheduler).")
+    teacher = copy.deepcopy(model).eval() if config.finetune is not None or config.recon is not None else None
+    splits = skip_splits(model) if config.split_skips else {}
     search = search or AQSearch()
     log: dict[str, dict] = {}
     bar = tqdm(layers.items(), desc=f"quantize {config.name}", disable=not progress)
@@ -100,17 +105,24 @@ def quantize_(model: nn.Module, config: QuantConfig | AQConfig, calib: Calibrati
         else:
             qw = quantize_weight(mod.weight, wc.to_spec(), name)
         act = config.act_for(name)
+        if act is not None and act.mode == "static" and name in splits:
+            act = dataclasses.replace(act, split=splits[name])
         new = (QuantLinear(qw, mod.bias, act) if isinstance(mod, nn.Linear)
                else QuantConv2d(qw, mod.bias, mod, act))
         set_module(model, name, new)
     if needs_act_calib:
         calibrate_activations(model, calib)
-    if teacher is not None:
+    if teacher is not None and config.finetune is not None:
         from diffquant.methods.pv_tuning import pv_tune
 
         state = Path(resume_dir) / f"finetune-{config.name}.pt" if resume_dir else None
         ft = pv_tune(model, teacher, scheduler, config.finetune, progress=progress, state_file=state)
         model.dq_finetune_log = {k: v for k, v in ft.items() if k != "loss"}
+    if config.recon is not None:
+        from diffquant.methods.accuquant import reconstruct
+
+        model.dq_recon_log = reconstruct(model, teacher, scheduler, config.recon, progress=progress,
+                                         resume_dir=resume_dir, name=config.name)
     model.dq_recipe = config
     if laq_log:
         model.dq_laq_log = laq_log

@@ -44,6 +44,23 @@ def test_lut_linear_equals_reference(tokens, out, in_flat, m, bits, g):
 
 
 @needs_lut
+@pytest.mark.parametrize("out,in_flat,m,bits,g", [(37, 48, 2, 8, 8), (300, 1000, 2, 8, 8), (129, 549, 3, 10, 9),
+                                                  (17, 1024, 1, 8, 8), (1, 16, 1, 1, 16)])
+def test_one_token_gather_path_equals_reference(out, in_flat, m, bits, g):
+    # a single token takes its own path (gathers over positions, 4 chains + a scalar tail): sizes
+    # chosen so that positions = groups * M hit every part of it, with uint8 and int16 codes
+    gen = torch.Generator().manual_seed(out + in_flat)
+    cb, codes, scale = _random_aq(out, in_flat, m, bits, g, gen)
+    bias = torch.randn(out, generator=gen)
+    x = torch.randn(1, in_flat, generator=gen)
+    kcb, kcodes, kscale = cpu.kernel_layout(codes, cb.half(), scale.half(), bits)
+    y = cpu.aq_linear(x, kcb, kcodes, kscale, bias)
+    _close(y, dequant_linear(x, kcb, codes, kscale, bias))
+    tiled = cpu.load_extension().aq_matmul_tokens(x.t().contiguous(), kcb, kcodes, kscale, bias, 8, one_token=False)
+    _close(y, tiled.t())
+
+
+@needs_lut
 @pytest.mark.parametrize("batch,cin,cout,hw,stride,pad", [(1, 3, 5, 7, 1, 1), (3, 4, 17, 9, 2, 1), (2, 6, 8, 5, 1, 0)])
 def test_lut_kaq_conv_equals_reference(batch, cin, cout, hw, stride, pad):
     gen = torch.Generator().manual_seed(cin * 31 + cout)
@@ -94,6 +111,11 @@ def test_training_takes_the_dense_differentiable_path():
 def test_dispatch_rules():
     assert dispatch.flop_bound(3456, 1152, 2, 256, 8) == pytest.approx(2.51, rel=1e-3)
     assert dispatch.choose(torch.device("cpu"), 16, 16, 64, 2, 256, 8) == "reference"  # bound 0.06: dense wins
+    # a high bound is not enough: a tiny layer (bound 10.7, 4096 weights) loses to per-call costs
+    assert dispatch.flop_bound(64, 64, 1, 2, 16) > 10
+    assert dispatch.choose(torch.device("cpu"), 16, 64, 64, 1, 2, 16) == "reference"
+    if cpu.available():  # DiT-XL/2's fc1 at 1x8: the measured thresholds pick the lookup
+        assert dispatch.choose(torch.device("cpu"), 16, 4608, 1152, 1, 256, 8) == "lut"
     with pytest.raises(ValueError, match="unknown AQ kernel"), dispatch.force("fast"):
         pass
 

@@ -15,6 +15,10 @@
 // Parallel over token tiles when there are at least as many tiles as threads, otherwise over output
 // rows. Measured on this project's 2-core AVX-512 machine (benchmarks/kernels.py); a per-token
 // scalar-lookup variant for 1-4 tokens was slower than a 4-wide tile and was dropped.
+//
+// One token (a batch-1 linear) has its own path: the whole table (J*M*K floats) is built once in
+// parallel, vectorised over codewords, and each output row is a sum of J*M scalars picked by code,
+// done 16 at a time with AVX-512 gathers (a 4-wide tile would waste three lanes of every add).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -22,6 +26,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -160,6 +169,84 @@ void many_tokens_impl(const float* __restrict xt, int64_t in_flat, int64_t T, co
   }
 }
 
+// One token: lut[(j*M + m)*K + c] = sum_k cb[m, c, k] * x[j*g + k], vectorised over c through a
+// codeword-major copy of the codebooks (cbt[m][k][c]); then y[o] = scale[o] * sum_jm lut[jm*K + code] + bias.
+template <typename code_t>
+void one_token_impl(const float* __restrict x, int64_t in_flat, const float* __restrict cb, int64_t M, int64_t K,
+                    int64_t g, const code_t* __restrict codes, int64_t O, const float* __restrict scale,
+                    const float* __restrict bias, float* __restrict y) {
+  const int64_t J = in_flat / g, n = J * M;
+  std::vector<float> cbt(M * g * K);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < K; ++c)
+      for (int64_t k = 0; k < g; ++k) cbt[(m * g + k) * K + c] = cb[(m * K + c) * g + k];
+  AlignedBuf lut_buf(n * K);
+  float* __restrict lut = lut_buf.p;
+  const float* __restrict cbtp = cbt.data();
+  at::parallel_for(0, J, 16, [&](int64_t jb, int64_t je) {
+    for (int64_t j = jb; j < je; ++j)
+      for (int64_t m = 0; m < M; ++m) {
+        float* __restrict dst = lut + (j * M + m) * K;
+        const float* w = cbtp + m * g * K;
+        const float x0 = x[j * g];
+        for (int64_t c = 0; c < K; ++c) dst[c] = x0 * w[c];
+        for (int64_t k = 1; k < g; ++k) {
+          const float xk = x[j * g + k];
+          const float* wk = w + k * K;
+          for (int64_t c = 0; c < K; ++c) dst[c] += xk * wk[c];
+        }
+      }
+  });
+#if defined(__AVX512F__)
+  // 16 positions per gather (lane l reads lut[(e+l)*K + code]); four chains so that gathers overlap
+  if (n * K < (int64_t(1) << 31)) {
+    at::parallel_for(0, O, 32, [&](int64_t ob, int64_t oe) {
+      const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(static_cast<int>(K)));
+      for (int64_t o = ob; o < oe; ++o) {
+        const code_t* co = codes + o * n;
+        auto pick = [&](int64_t e) {
+          __m512i c;
+          if constexpr (sizeof(code_t) == 1)
+            c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(co + e)));
+          else
+            c = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(co + e)));
+          return _mm512_i32gather_ps(_mm512_add_epi32(c, rows), lut + e * K, 4);
+        };
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        int64_t e = 0;
+        for (; e + 64 <= n; e += 64) {
+          a0 = _mm512_add_ps(a0, pick(e));
+          a1 = _mm512_add_ps(a1, pick(e + 16));
+          a2 = _mm512_add_ps(a2, pick(e + 32));
+          a3 = _mm512_add_ps(a3, pick(e + 48));
+        }
+        for (; e + 16 <= n; e += 16) a0 = _mm512_add_ps(a0, pick(e));
+        float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+        for (; e < n; ++e) sum += lut[e * K + co[e]];
+        y[o] = sum * scale[o] + (bias ? bias[o] : 0.f);
+      }
+    });
+    return;
+  }
+#endif
+  at::parallel_for(0, O, 32, [&](int64_t ob, int64_t oe) {  // without AVX-512: four scalar chains per row
+    for (int64_t o = ob; o < oe; ++o) {
+      const code_t* co = codes + o * n;
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+      int64_t e = 0;
+      for (; e + 4 <= n; e += 4) {
+        s0 += lut[e * K + co[e]];
+        s1 += lut[(e + 1) * K + co[e + 1]];
+        s2 += lut[(e + 2) * K + co[e + 2]];
+        s3 += lut[(e + 3) * K + co[e + 3]];
+      }
+      for (; e < n; ++e) s0 += lut[e * K + co[e]];
+      y[o] = ((s0 + s1) + (s2 + s3)) * scale[o] + (bias ? bias[o] : 0.f);
+    }
+  });
+}
+
 void check(const torch::Tensor& codebooks, const torch::Tensor& codes, const torch::Tensor& scale,
            const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(codebooks.dim() == 3 && codebooks.scalar_type() == torch::kFloat && codebooks.is_contiguous(),
@@ -178,7 +265,8 @@ void check(const torch::Tensor& codebooks, const torch::Tensor& codes, const tor
 
 // yt (out, T) = AQ weight @ xt (in_flat, T), token-contiguous in and out.
 torch::Tensor aq_matmul_tokens(torch::Tensor xt, torch::Tensor codebooks, torch::Tensor codes, torch::Tensor scale,
-                               c10::optional<torch::Tensor> bias, int64_t jb_groups) {
+                               c10::optional<torch::Tensor> bias, int64_t jb_groups,
+                               bool use_one_token) {
   check(codebooks, codes, scale, bias);
   TORCH_CHECK(xt.dim() == 2 && xt.scalar_type() == torch::kFloat && xt.is_contiguous(), "xt must be contiguous fp32 (in, T)");
   const int64_t M = codebooks.size(0), K = codebooks.size(1), g = codebooks.size(2), O = codes.size(0);
@@ -197,8 +285,17 @@ torch::Tensor aq_matmul_tokens(torch::Tensor xt, torch::Tensor codebooks, torch:
                                      reinterpret_cast<uint16_t*>(codes.data_ptr<int16_t>()), O,
                                      scale.data_ptr<float>(), b, yt.data_ptr<float>(), jb_groups);
   };
-  // the tile width follows the token count: a 16-wide tile for 4 tokens would add 12 zeros per row
-  if (T <= 4)
+  // one token: the gather path; otherwise the tile width follows the token count (a 16-wide tile
+  // for 4 tokens would add 12 zeros per row)
+  if (T == 1 && use_one_token) {
+    if (codes.scalar_type() == torch::kUInt8)
+      one_token_impl<uint8_t>(xt.data_ptr<float>(), xt.size(0), codebooks.data_ptr<float>(), M, K, g,
+                              codes.data_ptr<uint8_t>(), O, scale.data_ptr<float>(), b, yt.data_ptr<float>());
+    else
+      one_token_impl<uint16_t>(xt.data_ptr<float>(), xt.size(0), codebooks.data_ptr<float>(), M, K, g,
+                               reinterpret_cast<uint16_t*>(codes.data_ptr<int16_t>()), O, scale.data_ptr<float>(), b,
+                               yt.data_ptr<float>());
+  } else if (T <= 4)
     run(std::integral_constant<int, 4>{});
   else if (T <= 8)
     run(std::integral_constant<int, 8>{});
@@ -208,5 +305,7 @@ torch::Tensor aq_matmul_tokens(torch::Tensor xt, torch::Tensor codebooks, torch:
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("aq_matmul_tokens", &aq_matmul_tokens, "AQ lookup-table product, token-contiguous (many tokens)");
+  m.def("aq_matmul_tokens", &aq_matmul_tokens, "AQ lookup-table product, token-contiguous", py::arg("xt"),
+        py::arg("codebooks"), py::arg("codes"), py::arg("scale"), py::arg("bias"), py::arg("jb_groups"),
+        py::arg("one_token") = true);
 }

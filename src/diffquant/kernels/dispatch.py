@@ -3,8 +3,9 @@
 Paths: `reference` (dequantize, then torch's dense op: exact, the fallback), `lut` (the C++ lookup-table
 kernel, CPU) and `triton` (dequantize-in-the-tile, GPU). `auto` picks `triton` on CUDA when Triton is
 installed, and on the CPU `lut` whenever the layer's FLOP bound (dense multiply-adds over lookup
-operations, `flop_bound`) reaches the break-even measured by `benchmarks/kernels.py` for that token
-count (shipped in `thresholds.json`; the benchmark's `--write-thresholds` refreshes it). Force one
+operations, `flop_bound`) and its weight size (in*out) both reach the break-even measured by
+`benchmarks/kernels.py` for the nearest token count (shipped in `thresholds.json`; the benchmark's
+`--write-thresholds` refreshes it): small layers lose to per-call costs whatever their bound. Force one
 with the environment variable DIFFQUANT_AQ_KERNEL=reference|lut|triton or `with force("lut"):`; a
 forced path that cannot run (no compiler, no GPU) raises, an `auto` one falls back to `reference`.
 """
@@ -52,12 +53,15 @@ def flop_bound(out: int, in_flat: int, m: int, k: int, g: int) -> float:
     return (in_flat * out) / (in_flat * m * k + out * (in_flat // g) * m)
 
 
-def thresholds() -> dict[int, float]:
-    """token count -> the smallest FLOP bound at which `lut` was measured faster than fp32 dense."""
+def thresholds() -> dict[int, tuple[float, int]]:
+    """token count -> (smallest FLOP bound, smallest weight size in*out) at which `lut` was measured
+    faster than fp32 dense on every configuration that had both."""
     if "t" not in _cache:
-        t = {1: 1.5, 16: 1.5, 256: 1.5, 4096: 1.5}
+        t = {n: (1.5, 1 << 18) for n in (1, 16, 256, 4096)}
         if _THRESHOLDS.exists():
-            t = {int(k): float(v) for k, v in json.loads(_THRESHOLDS.read_text())["min_flop_bound"].items()}
+            meta = json.loads(_THRESHOLDS.read_text())
+            sizes = meta.get("min_weight_elems", {})
+            t = {int(n): (float(b), int(sizes.get(n, 0))) for n, b in meta["min_flop_bound"].items()}
         _cache["t"] = t
     return _cache["t"]
 
@@ -82,4 +86,5 @@ def choose(device: torch.device, tokens: int, out: int, in_flat: int, m: int, k:
         return "reference"
     t = thresholds()
     nearest = min(t, key=lambda n: abs(n - tokens) / max(n, tokens))
-    return "lut" if flop_bound(out, in_flat, m, k, g) >= t[nearest] else "reference"
+    min_bound, min_elems = t[nearest]
+    return "lut" if flop_bound(out, in_flat, m, k, g) >= min_bound and out * in_flat >= min_elems else "reference"

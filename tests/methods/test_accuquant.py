@@ -1,0 +1,136 @@
+import copy
+
+import pytest
+import torch
+
+import diffquant as dq
+from diffquant.config import QuantConfig, WeightConfig
+from diffquant.kernels import dispatch
+from diffquant.methods.accuquant import (
+    ReconConfig,
+    fp_trajectories,
+    group_loss_and_grad,
+    reconstruct,
+    step_coefficients,
+)
+from diffquant.methods.recon import Trainable, skip_splits, unit_layers
+from diffquant.models import meta_of
+from diffquant.nn.act import ActSpec
+
+TINY = dict(iters=12, batch_size=4, trajectories=8, sample_steps=4)
+
+
+def _rtn(model, scheduler, wbits=3, abits=8, split=True):
+    calib = dq.collect(model, scheduler, n=4, steps=4, batch_size=4, progress=False)
+    cfg = QuantConfig(name=f"t-w{wbits}a{abits}", weight=WeightConfig("uniform", wbits, clip="lp"),
+                      act=ActSpec(abits, "static"), split_skips=split)
+    return dq.quantize_(copy.deepcopy(model), cfg, calib=calib)
+
+
+def _out(model, x):
+    t = torch.full((len(x),), 500)
+    return model(x, t, class_labels=torch.arange(len(x)) % 10).sample
+
+
+def test_units_cover_every_quantized_layer_once(tiny_unet, tiny_dit, scheduler):
+    for model in (tiny_unet, tiny_dit):
+        q = _rtn(model, scheduler, split=False)
+        units = unit_layers(q)
+        names = [n for u in units.values() for n in u]
+        assert len(names) == len(set(names)) == len(dq.quantize.quantized_layers(q))
+        assert list(units)[-1] == "rest"
+
+
+def test_skip_splits_find_the_concatenations(tiny_unet):
+    splits = skip_splits(tiny_unet)
+    # first up block: mid width 16 + skip; the split is where the skip begins
+    assert splits["up_blocks.0.resnets.0.conv1"] == 16
+    assert all(tiny_unet.get_submodule(n).in_channels > c for n, c in splits.items())
+
+
+@pytest.mark.parametrize("objective", ["perstep", pytest.param("accuquant", marks=pytest.mark.slow)])
+def test_reconstruction_lowers_error_and_stores_integer_codes(tiny_unet, scheduler, objective):
+    q = _rtn(tiny_unet, scheduler)
+    before = {n: m.qweight.codes.clone() for n, m in dq.quantize.quantized_layers(q).items()}
+    x = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = _out(tiny_unet, x)
+        err0 = (_out(q, x) - ref).pow(2).mean()
+    iters = 40 if objective == "perstep" else 16  # an AccuQuant iteration is 2M model calls, not one block's
+    cfg = ReconConfig(objective=objective, group_steps=2, lr=5e-3, **{**TINY, "iters": iters})
+    log = reconstruct(q, tiny_unet, scheduler, cfg, progress=False)
+    with torch.no_grad():
+        err1 = (_out(q, x) - ref).pow(2).mean()
+    assert err1 < err0
+    assert sum(u["loss_last"] < u["loss_first"] for u in log["units"].values()) >= len(log["units"]) // 2
+    changed = 0
+    for n, m in dq.quantize.quantized_layers(q).items():
+        d = m.qweight.codes.float() - before[n].float()
+        assert d.abs().max() <= 1  # AdaRound only chooses between floor and ceil
+        changed += int((d != 0).sum())
+        torch.testing.assert_close(m.weight, m.qweight.dequantize())  # hard codes are what runs
+    assert changed > 0
+
+
+def test_reconstructed_model_round_trips(tiny_unet, scheduler, tmp_path):
+    q = _rtn(tiny_unet, scheduler)
+    reconstruct(q, tiny_unet, scheduler, ReconConfig(**TINY), progress=False)
+    dq.save(q, tmp_path / "q", scheduler)
+    back, _ = dq.load(tmp_path / "q")
+    x = torch.randn(3, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(_out(back, x), _out(q, x))
+    split = back.get_submodule("up_blocks.0.resnets.0.conv1").act
+    assert split.spec.split == 16 and split.lo.shape == (2,) and not torch.equal(split.lo[0], split.lo[1])
+
+
+def _grads(q, teacher, scheduler, m, start, grad, jac="x0"):
+    cfg = ReconConfig(objective="accuquant", trajectories=4, sample_steps=8)
+    traj = fp_trajectories(teacher, scheduler, cfg)
+    meta = meta_of(teacher)
+    units = unit_layers(q)
+    tr = Trainable(units["up_blocks.0"], teacher)
+    params = tr.weight_params + tr.act_params
+    coeffs = step_coefficients(scheduler, traj.timesteps, jac)
+    with dispatch.force("reference"):
+        group_loss_and_grad(q, scheduler, tr, traj.x[start], traj.labels, traj.x[start + m],
+                            traj.timesteps[start:start + m], meta.guidance_scale, meta.null_class, grad,
+                            coeffs[start:start + m])
+    g = torch.cat([p.grad.reshape(-1) for p in params])
+    tr.finish()
+    return g
+
+
+def test_o1_gradient_is_exact_for_one_step_and_close_for_several(tiny_unet, scheduler):
+    q = _rtn(tiny_unet, scheduler)
+    for p in q.parameters():
+        p.requires_grad_(False)
+    g1e, g1o = _grads(q, tiny_unet, scheduler, 1, 3, "exact"), _grads(q, tiny_unet, scheduler, 1, 3, "o1")
+    torch.testing.assert_close(g1o, g1e, rtol=1e-4, atol=1e-6)
+    g4e, g4o = _grads(q, tiny_unet, scheduler, 4, 2, "exact"), _grads(q, tiny_unet, scheduler, 4, 2, "o1")
+    cos = torch.nn.functional.cosine_similarity(g4e, g4o, dim=0)
+    assert cos > 0.9, f"O(1) gradient too far from the exact one: cosine {cos:.3f}"
+
+
+def test_resume_skips_finished_units(tiny_unet, scheduler, tmp_path):
+    q = _rtn(tiny_unet, scheduler)
+    cfg = ReconConfig(**TINY)
+    log = reconstruct(copy.deepcopy(q), tiny_unet, scheduler, cfg, progress=False, resume_dir=tmp_path, name="r")
+    again = copy.deepcopy(q)
+    log2 = reconstruct(again, tiny_unet, scheduler, cfg, progress=False, resume_dir=tmp_path, name="r")
+    assert log2["units"] == log["units"]  # every unit came from the state file, none was redone
+    pairs = zip(dq.quantize.quantized_layers(q).values(), dq.quantize.quantized_layers(again).values(), strict=True)
+    assert any(not torch.equal(a.qweight.codes, b.qweight.codes) for a, b in pairs)
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="objective"):
+        ReconConfig(objective="brecq")
+    with pytest.raises(ValueError, match="group_steps"):
+        ReconConfig(group_steps=30, sample_steps=20)
+
+
+def test_recipe_without_scheduler_says_how_to_fix(tiny_unet, scheduler):
+    calib = dq.collect(tiny_unet, scheduler, n=2, steps=2, batch_size=2, progress=False)
+    with pytest.raises(ValueError, match="scheduler=scheduler"):
+        dq.quantize_(copy.deepcopy(tiny_unet), dq.get_recipe("w4a8-accuquant"), calib=calib)
