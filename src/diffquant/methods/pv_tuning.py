@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from diffquant.formats.additive import AdditiveWeight, dequantize_additive
 from diffquant.io_utils import atomic_path
+from diffquant.methods.recon import blocks
 from diffquant.nn.layers import QuantLayer
 from diffquant.pipelines import balanced_labels, sample_batch
 
@@ -236,17 +237,6 @@ def _v_step(layers: list[_Additive], student: nn.Module, probe, cfg: PVConfig, o
     return n
 
 
-def _blocks(model: nn.Module) -> dict[str, nn.Module]:
-    """Top-level blocks: items of the model's ModuleLists named *blocks*, and a mid block."""
-    out = {}
-    for name, child in model.named_children():
-        if isinstance(child, nn.ModuleList) and "blocks" in name:
-            out.update({f"{name}.{i}": b for i, b in enumerate(child)})
-        elif name == "mid_block" and child is not None:
-            out[name] = child
-    return out
-
-
 def _first_tensor(o):
     return o if torch.is_tensor(o) else o[0]
 
@@ -283,7 +273,7 @@ def pv_tune(student: nn.Module, teacher: nn.Module, scheduler, cfg: PVConfig = P
     handles = []
     if cfg.mode == "block":
         for tag, model in (("s", student), ("t", teacher)):
-            for name, block in _blocks(model).items():
+            for name, block in blocks(model).items():
                 handles.append(block.register_forward_hook(
                     lambda _m, _a, o, tag=tag, name=name: captured[tag].__setitem__(name, _first_tensor(o))))
 
