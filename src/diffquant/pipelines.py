@@ -63,6 +63,15 @@ def guided_output(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
     return uncond + guidance * (cond - uncond)
 
 
+def guided_ddim_step(model, scheduler, x: torch.Tensor, t, labels: torch.Tensor, guidance: float,
+                     null_class: int) -> torch.Tensor:
+    """One deterministic guided DDIM step x_t -> x_prev, in the caller's grad mode (calibration and
+    trajectory analysis step the model one call at a time)."""
+    tt = torch.full((len(x),), int(t), dtype=torch.long)
+    out = guided_output(model, scheduler.scale_model_input(x, t), tt, labels, guidance, null_class)
+    return scheduler.step(out, t, x).prev_sample
+
+
 @torch.no_grad()
 def sample_batch(model, scheduler, labels: torch.Tensor, first_index: int, seed: int = 0, steps: int = 20,
                  guidance: float | None = None, sampler: str = "ddim", eta: float = 0.0,

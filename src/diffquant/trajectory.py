@@ -20,16 +20,11 @@ from pathlib import Path
 import torch
 
 from diffquant.models import meta_of
-from diffquant.pipelines import balanced_labels, guided_output, latent_shape
+from diffquant.pipelines import balanced_labels, guided_ddim_step, latent_shape
 
 
 def _rms(d: torch.Tensor) -> float:
     return float(d.pow(2).mean().sqrt())
-
-
-def _step(m, scheduler, z, t, tt, labels, meta) -> torch.Tensor:
-    out = guided_output(m, scheduler.scale_model_input(z, t), tt, labels, meta.guidance_scale, meta.null_class)
-    return scheduler.step(out, t, z).prev_sample
 
 
 @torch.no_grad()
@@ -45,12 +40,11 @@ def analyze(model, ref, scheduler, n: int = 64, steps: int = 20, seed: int = 0, 
         x = torch.stack([torch.randn(latent_shape(ref), generator=torch.Generator().manual_seed(seed + b + j))
                          for j in range(len(lab))]) * scheduler.init_noise_sigma
         xq = x.clone()
+        g, null = meta.guidance_scale, meta.null_class
         for k, t in enumerate(scheduler.timesteps):
-            tt = torch.full((len(x),), int(t), dtype=torch.long)
-
-            x_next = _step(ref, scheduler, x, t, tt, lab, meta)
-            per_step[k] += (_step(model, scheduler, x, t, tt, lab, meta) - x_next).pow(2).sum()
-            xq = _step(model, scheduler, xq, t, tt, lab, meta)
+            x_next = guided_ddim_step(ref, scheduler, x, t, lab, g, null)
+            per_step[k] += (guided_ddim_step(model, scheduler, x, t, lab, g, null) - x_next).pow(2).sum()
+            xq = guided_ddim_step(model, scheduler, xq, t, lab, g, null)
             accumulated[k] += (xq - x_next).pow(2).sum()
             x = x_next
     numel = n * torch.Size(latent_shape(ref)).numel()

@@ -41,7 +41,7 @@ from diffquant.kernels import dispatch
 from diffquant.methods.recon import Trainable, blocks, unit_layers
 from diffquant.models import meta_of
 from diffquant.nn.layers import QuantLayer
-from diffquant.pipelines import balanced_labels, guided_output, latent_shape
+from diffquant.pipelines import balanced_labels, guided_ddim_step, latent_shape
 
 RECON_SEED = 3_000_000  # trajectories for reconstruction: away from evaluation, calibration and PV seeds
 
@@ -108,9 +108,7 @@ def fp_trajectories(model: nn.Module, scheduler, cfg: ReconConfig) -> Trajectori
     try:
         for t in scheduler.timesteps:
             calls.clear()
-            tt = torch.full((len(x),), int(t), dtype=torch.long)
-            out = guided_output(model, scheduler.scale_model_input(x, t), tt, labels, guidance, meta.null_class)
-            x = scheduler.step(out, t, x).prev_sample
+            x = guided_ddim_step(model, scheduler, x, t, labels, guidance, meta.null_class)
             xs.append(x)
             items.append({k: torch.cat([c[k] for c in calls]) for k in calls[0]})
     finally:
@@ -246,9 +244,7 @@ def _ddim_chain(student, scheduler, x, labels, timesteps, guidance, null_class):
     """M guided DDIM steps of the student from x, in the current grad mode; the latents along the way."""
     xs = [x]
     for t in timesteps:
-        tt = torch.full((len(x),), t, dtype=torch.long)
-        out = guided_output(student, scheduler.scale_model_input(x, t), tt, labels, guidance, null_class)
-        x = scheduler.step(out, t, x).prev_sample
+        x = guided_ddim_step(student, scheduler, x, t, labels, guidance, null_class)
         xs.append(x)
     return xs
 
