@@ -51,7 +51,9 @@ class ReconConfig:
     objective: str = "perstep"  # "perstep" (Q-Diffusion) or "accuquant"
     group_steps: int = 4  # accuquant: M, the DDIM steps simulated per loss
     grad: str = "o1"  # accuquant: "exact" (back-propagate through M steps) or "o1" (one step's graph)
-    jacobian: str = "x0"  # o1: the scalar stand-in for a step's Jacobian, "x0" or "output"
+    # o1: the scalar stand-in for a step's Jacobian, "output" or "x0"; "output" measured closer to the
+    # exact gradient on the zoo U-Net (benchmarks/results/accuquant-memory.json, gradient_agreement)
+    jacobian: str = "output"
     iters: int = 160  # per unit
     batch_size: int = 16  # trajectories (accuquant) or model inputs (perstep) per iteration
     trajectories: int = 64
