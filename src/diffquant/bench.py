@@ -8,6 +8,8 @@ Resumable: each finished row is written to the JSON at once, and a re-run skips 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import tempfile
@@ -143,6 +145,29 @@ class Protocol:
         return row
 
 
+@contextlib.contextmanager
+def _locked(out: Path):
+    """An exclusive lock beside `out`, so that several runs may fill one results file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _merge_rows_written_meanwhile(doc: dict, out: Path) -> None:
+    """Keeps rows another process wrote to `out` (same protocol) since this one read it."""
+    if not out.exists():
+        return
+    old = json.loads(out.read_text())
+    if (old.get("n"), old.get("seed"), old.get("steps")) != (doc["n"], doc["seed"], doc["steps"]):
+        return
+    mine = {(r["model"], r["method"]) for r in doc["rows"]}
+    doc["rows"][:0] = [r for r in old.get("rows", []) if (r["model"], r["method"]) not in mine]
+
+
 def run_quality(models: list[str], methods: list[str], n: int, out: Path, seed: int = 0, steps: int = 20,
                 cache: Path = Path("runs/cache"), resume: bool = True, progress: bool = True, size: str = "") -> dict:
     """Runs every (model, method) and writes `out` (JSON) after each row; grids go beside it."""
@@ -168,7 +193,9 @@ def run_quality(models: list[str], methods: list[str], n: int, out: Path, seed: 
             doc["wall_time_s"] = round(doc.get("wall_time_s", 0) + time.time() - t_start, 1)
             t_start = time.time()
             doc["grids_dir"] = grids.name
-            write_json(out, doc)
+            with _locked(out):
+                _merge_rows_written_meanwhile(doc, out)
+                write_json(out, doc)
             if progress:
                 print(f"  {model:12s} {method:16s} bits {row['effective_bits']:6.2f}  FID {row['fid']:7.2f}  "
                       f"FID-to-FP {row.get('fid_to_fp', 0):7.3f}  acc {row['class_accuracy']:.3f}", flush=True)

@@ -134,3 +134,14 @@ def test_recipe_without_scheduler_says_how_to_fix(tiny_unet, scheduler):
     calib = dq.collect(tiny_unet, scheduler, n=2, steps=2, batch_size=2, progress=False)
     with pytest.raises(ValueError, match="scheduler=scheduler"):
         dq.quantize_(copy.deepcopy(tiny_unet), dq.get_recipe("w4a8-accuquant"), calib=calib)
+
+
+def test_fp_blocks_swaps_in_the_teachers_blocks_and_restores(tiny_unet, scheduler):
+    from diffquant.methods.accuquant import _fp_blocks
+
+    q = _rtn(tiny_unet, scheduler)
+    mine = q.up_blocks[1]
+    with _fp_blocks(q, tiny_unet, ["up_blocks.1", "mid_block"]):
+        assert q.up_blocks[1] is tiny_unet.up_blocks[1] and q.mid_block is tiny_unet.mid_block
+        assert q.up_blocks[0] is not tiny_unet.up_blocks[0]
+    assert q.up_blocks[1] is mine and q.mid_block is not tiny_unet.mid_block

@@ -151,7 +151,10 @@ class Trainable:
             w.refresh()
 
     def reg(self, beta: float) -> torch.Tensor:
-        return sum((w.reg(beta) for w in self.weights), torch.zeros(()))
+        """AdaRound's rounding regulariser, averaged over the unit's rounded weights (0 when every
+        rounding is decided), so that its weight does not depend on the unit's size."""
+        n = sum(w.v.numel() for w in self.weights if isinstance(w, _AdaRound))
+        return sum((w.reg(beta) for w in self.weights), torch.zeros(())) / max(n, 1)
 
     def finish(self) -> None:
         with torch.no_grad():

@@ -1,0 +1,25 @@
+"""bench.run_quality's results file: rows written by another run meanwhile are kept, not overwritten."""
+
+import json
+
+from diffquant.bench import _merge_rows_written_meanwhile
+
+
+def _doc(methods, n=100):
+    return {"n": n, "seed": 0, "steps": 20, "rows": [{"model": "m", "method": x, "v": x} for x in methods]}
+
+
+def test_rows_from_a_parallel_run_are_merged(tmp_path):
+    out = tmp_path / "q.json"
+    out.write_text(json.dumps(_doc(["fp", "w4a8", "w3a8"])))
+    mine = _doc(["fp", "w2a8"])
+    _merge_rows_written_meanwhile(mine, out)
+    assert sorted(r["method"] for r in mine["rows"]) == ["fp", "w2a8", "w3a8", "w4a8"]
+
+
+def test_rows_of_another_protocol_are_not_merged(tmp_path):
+    out = tmp_path / "q.json"
+    out.write_text(json.dumps(_doc(["w4a8"], n=5000)))
+    mine = _doc(["fp"])
+    _merge_rows_written_meanwhile(mine, out)
+    assert [r["method"] for r in mine["rows"]] == ["fp"]
