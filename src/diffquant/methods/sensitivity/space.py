@@ -1,0 +1,165 @@
+"""The search space: every weight layer's options (bits x method), precomputed once and cached.
+
+A configuration maps each *unit* (a layer, or layers tied by design) to one option. Tied layers:
+an attention's query, key and value projections read the same input and are quantized together
+in Qua²SeDiMo's DiT experiments; diffquant ties them the same way in both zoo models (a documented
+choice: `tied_units`). Options are the paper's methods at 2, 3 and 4 bits:
+
+- `uaq`: per-output-channel asymmetric uniform with the clipping ratio chosen by an Lp search;
+- `kmeans-c`: k-means with 2^b centroids per output channel;
+- `kmeans-a`: one k-means over the whole tensor.
+
+Every option of every layer is quantized once (`SearchSpace.build`) and kept on disk, one file per
+layer, so an interrupted build resumes and every later configuration is assembled by swapping
+stored weights into one model (`apply`), with no re-quantization. Effective bits are exact: every
+stored bit (codes, scales, zero points, centroids) over the number of weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from diffquant.config import QuantConfig, WeightConfig
+from diffquant.formats.base import QuantizedWeight
+from diffquant.io_utils import atomic_path
+from diffquant.nn.swap import quantizable_layers
+
+METHODS = ("uaq", "kmeans-c", "kmeans-a")
+BITS = (2, 3, 4)
+
+
+@dataclass(frozen=True, order=True)
+class Option:
+    method: str
+    bits: int
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}-{self.bits}"
+
+    @classmethod
+    def parse(cls, key: str) -> Option:
+        method, _, bits = key.rpartition("-")
+        if not bits.isdigit():
+            raise ValueError(f"option keys look like 'uaq-3' or 'kmeans-c-4', got {key!r}")
+        return cls(method, int(bits))
+
+    def weight_config(self) -> WeightConfig:
+        if self.method == "uaq":
+            return WeightConfig("uniform", self.bits, clip="lp")
+        return WeightConfig("kmeans", self.bits, scope="channel" if self.method == "kmeans-c" else "tensor")
+
+
+def all_options(bits=BITS, methods=METHODS) -> list[Option]:
+    return [Option(m, b) for b in bits for m in methods]
+
+
+def tied_units(layer_names: list[str]) -> dict[str, list[str]]:
+    """unit name -> its layers, in forward order: an attention's to_q / to_k / to_v form one unit
+    (named `<attention>.qkv`), every other layer is its own unit."""
+    units: dict[str, list[str]] = {}
+    for name in layer_names:
+        m = re.fullmatch(r"(.*)\.to_[qkv]", name)
+        units.setdefault(f"{m.group(1)}.qkv" if m else name, []).append(name)
+    return units
+
+
+def _quantize(weight: torch.Tensor, option: Option, name: str) -> QuantizedWeight:
+    from diffquant.quantize import quantize_weight
+
+    return quantize_weight(weight, option.weight_config().to_spec(), name)
+
+
+class SearchSpace:
+    """Every option of every weight layer of `model`; `cache_dir` keeps one file per layer."""
+
+    def __init__(self, model: nn.Module, options: list[Option] | None = None, cache_dir: str | Path | None = None):
+        self.model = model
+        self.options = options or all_options()
+        self.layers = list(quantizable_layers(model))
+        if not self.layers:
+            raise ValueError("the model has no Linear or Conv2d layer to quantize")
+        self.units = tied_units(self.layers)
+        self.numel = {n: model.get_submodule(n).weight.numel() for n in self.layers}
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.table: dict[str, dict[str, QuantizedWeight]] = {}
+        self.rel_error: dict[str, dict[str, float]] = {}
+        self.layer_bits: dict[str, dict[str, float]] = {}
+
+    def build(self, progress: bool = True) -> SearchSpace:
+        """Quantizes every layer with every option (or loads the layer's file from the cache)."""
+        for name in tqdm(self.layers, desc="search space", disable=not progress):
+            path = self.cache_dir / f"{name}.pt" if self.cache_dir is not None else None
+            keys = [o.key for o in self.options]
+            if path is not None and path.exists():
+                stored = torch.load(path, weights_only=False)
+                if stored["keys"] == keys:
+                    self._keep(name, stored["weights"])
+                    continue
+            w = self.model.get_submodule(name).weight.detach().float()
+            weights = {o.key: _quantize(w, o, name) for o in self.options}
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(path) as tmp:
+                    torch.save({"keys": keys, "weights": weights}, tmp)
+            self._keep(name, weights)
+        return self
+
+    def _keep(self, name: str, weights: dict[str, QuantizedWeight]) -> None:
+        w = self.model.get_submodule(name).weight.detach().float()
+        self.table[name] = weights
+        self.rel_error[name] = {k: float((q.dequantize().reshape(w.shape) - w).pow(2).sum() / w.pow(2).sum())
+                                for k, q in weights.items()}
+        self.layer_bits[name] = {k: q.stored_bits() / q.numel for k, q in weights.items()}
+
+    # ---------------------------------------------------------------------------- configurations
+
+    def check(self, config: dict[str, Option]) -> None:
+        missing = set(self.units) - set(config)
+        unknown = set(config) - set(self.units)
+        if missing or unknown:
+            raise ValueError(f"a configuration names every unit once; missing {sorted(missing)[:3]}, "
+                             f"unknown {sorted(unknown)[:3]} (units: SearchSpace.units)")
+
+    def effective_bits(self, config: dict[str, Option]) -> float:
+        """Every stored bit of the configuration over its number of weights."""
+        self.check(config)
+        bits = sum(self.layer_bits[n][config[u].key] * self.numel[n] for u, ls in self.units.items() for n in ls)
+        return bits / sum(self.numel.values())
+
+    def quantized_model(self) -> nn.Module:
+        """A copy of the model with every layer wrapped (4-bit UAQ placeholders), ready for `apply`."""
+        from diffquant.quantize import quantize_
+
+        return quantize_(copy.deepcopy(self.model), QuantConfig(name="space", weight=WeightConfig("uniform", 4)))
+
+    def apply(self, qmodel: nn.Module, config: dict[str, Option]) -> nn.Module:
+        """Puts the stored weights of `config` into `qmodel` (from `quantized_model`), in place."""
+        self.check(config)
+        for unit, names in self.units.items():
+            for n in names:
+                qmodel.get_submodule(n).set_qweight(self.table[n][config[unit].key])
+        return qmodel
+
+    def to_recipe(self, config: dict[str, Option], name: str, act=None) -> QuantConfig:
+        """The configuration as a recipe (`diffquant quantize MODEL --recipe FILE`): one exact-name
+        override per layer."""
+        self.check(config)
+        layers = {_escape(n): config[u].weight_config() for u, ls in self.units.items() for n in ls}
+        return QuantConfig(name=name, weight=WeightConfig("uniform", 4), act=act, layers=layers)
+
+
+def _escape(name: str) -> str:
+    """A layer name as a glob pattern that matches only itself."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
