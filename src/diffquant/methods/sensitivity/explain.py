@@ -1,0 +1,104 @@
+"""Explanations and mixed-precision recipes from the trained predictors.
+
+Qua²SeDiMo reads a unit's score for a setting off the GNN's per-hop node embeddings. diffquant
+asks the predictor the question directly instead (a documented choice): the score of unit u with
+option o is the mean predicted quality (lower is better) of the labelled configurations with u
+switched to o, a partial dependence. It is standardised within each fold's model and averaged over
+the folds weighted by their held-out Spearman, as in the paper. A unit's *sensitivity* is how much
+worse its score gets at the lowest width than at the highest (averaged over methods).
+
+The recipe for a target average of effective bits picks, per unit, the option minimising
+score + lambda * (the unit's share of the model's bits); lambda is found by bisection so that the
+configuration's exact effective bits meet the target, and the candidates along the way are ranked
+by the ensemble's prediction of the whole configuration.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from diffquant.methods.sensitivity.graph import ModelGraph
+from diffquant.methods.sensitivity.predictor import GNNPredictor, node_features
+from diffquant.methods.sensitivity.space import Option, SearchSpace
+
+
+@torch.no_grad()
+def ensemble_predict(models: list[GNNPredictor], weights: list[float], x: torch.Tensor, adj: torch.Tensor,
+                     batch: int = 64) -> np.ndarray:
+    w = np.clip(np.asarray(weights, dtype=np.float64), 0, None)
+    w = w / w.sum() if w.sum() > 0 else np.full(len(models), 1 / len(models))
+    out = np.zeros(len(x))
+    for m, wi in zip(models, w, strict=True):
+        out += wi * np.concatenate([m(x[i:i + batch], adj).numpy() for i in range(0, len(x), batch)])
+    return out
+
+
+@torch.no_grad()
+def unit_scores(space: SearchSpace, graph: ModelGraph, models: list[GNNPredictor], weights: list[float],
+                configs: list[dict[str, Option]]) -> dict[str, dict[str, float]]:
+    """unit -> option key -> score (standardised partial dependence; lower is better)."""
+    adj = graph.adjacency()
+    per_model = []
+    for m in models:
+        raw = {}
+        for u in space.units:
+            raw[u] = {}
+            for o in space.options:
+                switched = [{**c, u: o} for c in configs]
+                raw[u][o.key] = float(np.mean(ensemble_predict([m], [1.0], node_features(space, graph, switched), adj)))
+        vals = np.asarray([v for d in raw.values() for v in d.values()])
+        mu, sd = vals.mean(), max(vals.std(), 1e-12)
+        per_model.append({u: {k: (v - mu) / sd for k, v in d.items()} for u, d in raw.items()})
+    w = np.clip(np.asarray(weights, dtype=np.float64), 0, None)
+    w = w / w.sum() if w.sum() > 0 else np.full(len(models), 1 / len(models))
+    return {u: {o.key: float(sum(wi * pm[u][o.key] for wi, pm in zip(w, per_model, strict=True)))
+                for o in space.options} for u in space.units}
+
+
+def sensitivity(space: SearchSpace, scores: dict[str, dict[str, float]]) -> dict[str, float]:
+    """unit -> score at the lowest width minus score at the highest, averaged over methods."""
+    lo, hi = min(o.bits for o in space.options), max(o.bits for o in space.options)
+    methods = sorted({o.method for o in space.options})
+    return {u: float(np.mean([scores[u][f"{m}-{lo}"] - scores[u][f"{m}-{hi}"] for m in methods])) for u in space.units}
+
+
+def recipe_for_bits(space: SearchSpace, scores: dict[str, dict[str, float]], target_bits: float,
+                    graph: ModelGraph | None = None, models: list[GNNPredictor] | None = None,
+                    weights: list[float] | None = None) -> tuple[dict[str, Option], dict]:
+    """The configuration at most `target_bits` effective bits that the scores prefer (see above)."""
+    total = sum(space.numel.values())
+    share = {u: {o.key: sum(space.layer_bits[n][o.key] * space.numel[n] for n in ls) / total
+                 for o in space.options} for u, ls in space.units.items()}
+
+    def pick(lam: float) -> dict[str, Option]:
+        return {u: min(space.options, key=lambda o: scores[u][o.key] + lam * share[u][o.key] * len(space.units))
+                for u in space.units}
+
+    lo_bits = space.effective_bits({u: min(space.options, key=lambda o: share[u][o.key]) for u in space.units})
+    if target_bits < lo_bits:
+        raise ValueError(f"target {target_bits} bits is below the smallest configuration in the space "
+                         f"({lo_bits:.3f} bits); choose a target of at least that")
+    lo, hi, candidates = 0.0, 1.0, []
+    while space.effective_bits(pick(hi)) > target_bits:
+        hi *= 2
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        c = pick(mid)
+        if space.effective_bits(c) <= target_bits:
+            hi = mid
+            candidates.append(c)
+        else:
+            lo = mid
+    candidates.append(pick(hi))
+    info = {"lambda": hi, "candidates": len(candidates)}
+    if models:
+        x = node_features(space, graph, candidates)
+        pred = ensemble_predict(models, weights or [1.0] * len(models), x, graph.adjacency())
+        best = int(np.argmin(pred))
+        info["predicted"] = float(pred[best])
+        chosen = candidates[best]
+    else:
+        chosen = candidates[-1]
+    info["effective_bits"] = space.effective_bits(chosen)
+    return chosen, info

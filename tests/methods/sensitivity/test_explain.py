@@ -1,0 +1,41 @@
+"""Explanations name the layer that matters, and recipes meet their bit target."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffquant.methods.sensitivity.explain import recipe_for_bits, sensitivity, unit_scores
+from diffquant.methods.sensitivity.graph import extract_graph
+from diffquant.methods.sensitivity.predictor import TrainConfig, node_features, train_gnn
+from diffquant.methods.sensitivity.sample import random_configs
+from diffquant.methods.sensitivity.space import SearchSpace, all_options
+from diffquant.pipelines import latent_shape
+
+SENSITIVE = "proj_out_2"
+
+
+@pytest.mark.slow
+def test_the_sensitive_layer_scores_highest_and_keeps_its_bits(tiny_dit):
+    """Synthetic labels that depend on one layer's bits: the explanation must single it out, and the
+    3-bit recipe must keep it at 4 bits."""
+    space = SearchSpace(tiny_dit, all_options(bits=(2, 4), methods=("uaq", "kmeans-c"))).build(progress=False)
+    g = extract_graph(tiny_dit, torch.randn(1, *latent_shape(tiny_dit)), torch.tensor([5]), torch.tensor([1]))
+    configs = random_configs(space, 48, seed=0)
+    y = torch.tensor([(4.0 - c[SENSITIVE].bits) + 0.05 * (i % 3) for i, c in enumerate(configs)])
+    gnn = train_gnn(node_features(space, g, configs), y, g.adjacency(), TrainConfig(epochs=60, batch_size=16))
+    scores = unit_scores(space, g, [gnn], [1.0], configs[:8])
+    sens = sensitivity(space, scores)
+    assert max(sens, key=sens.get) == SENSITIVE
+    config, info = recipe_for_bits(space, scores, 3.0, g, [gnn], [1.0])
+    assert info["effective_bits"] <= 3.0 + 1e-9
+    assert config[SENSITIVE].bits == 4
+    assert np.isfinite(info["predicted"])
+
+
+def test_target_below_the_space_is_rejected(tiny_dit):
+    space = SearchSpace(tiny_dit, all_options(bits=(2, 4), methods=("uaq",))).build(progress=False)
+    scores = {u: {o.key: 0.0 for o in space.options} for u in space.units}
+    with pytest.raises(ValueError, match="below the smallest"):
+        recipe_for_bits(space, scores, 1.0)
+    config, info = recipe_for_bits(space, scores, 3.0)
+    assert info["effective_bits"] <= 3.0
