@@ -102,3 +102,36 @@ def test_quantize_then_eval_end_to_end(tmp_path, monkeypatch, scheduler):
         assert key in m, key
     assert 4 < m["effective_bits"] < 6  # W4 body, W8 first/last layer: a large share of this tiny model
     assert m["checkpoint_bytes"] == (tmp_path / "q/quantized.safetensors").stat().st_size
+
+
+@pytest.mark.slow
+def test_sensitivity_writes_recipes_that_quantize_applies(tmp_path, monkeypatch, scheduler):
+    """diffquant sensitivity -> recipe file at the target bits -> diffquant quantize --recipe FILE."""
+    import json
+
+    import torch
+    from diffusers import DiTTransformer2DModel
+
+    from diffquant.models import ModelMeta, save_fp
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+                                num_layers=1, sample_size=32, patch_size=8, num_embeds_ada_norm=10).eval()
+    dit.dq_meta = ModelMeta(name="tiny32")
+    save_fp(dit, scheduler, tmp_path / "fp")
+    run = CliRunner().invoke
+    res = run(main, ["sensitivity", "fp", "--target-bits", "3.2", "--act-bits", "6", "--out", "mp", "--configs", "10",
+                     "-n", "6", "--folds", "2", "--epochs", "3", "--cache", "cache"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "mp/sensitivity.json").read_text())
+    (rec,) = doc["recipes"].values()
+    assert rec["effective_bits"] <= 3.2
+    for png in ("sensitivity-by-role.png", "sensitivity-by-block.png", "pareto.png"):
+        assert (tmp_path / "mp" / png).exists()
+    res = run(main, ["quantize", "fp", "--recipe", f"mp/{rec['file']}", "--out", "q", "--calib-n", "4", "--steps", "2"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "q/diffquant.json").read_text())
+    assert abs(meta["effective_bits"] - rec["effective_bits"]) < 1e-6
+    res = run(main, ["sensitivity", "fp", "--target-bits", "three", "--out", "mp"])
+    assert res.exit_code != 0 and "--target-bits" in res.output

@@ -262,6 +262,44 @@ def analyze_trajectory(models, ref, out, n, steps):
     click.echo(f"wrote {out / 'trajectory.json'} and {png}")
 
 
+@main.command()
+@click.argument("model")
+@click.option("--target-bits", required=True, help="average effective bits of the recipe(s), e.g. 3.5 or 3.5,3.9")
+@click.option("--act-bits", type=int, default=None, help="activation bits in the recipe (dynamic per token), e.g. 6")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="folder for recipes, JSON and plots")
+@click.option("--configs", default=120, show_default=True, help="random configurations to label")
+@click.option("-n", "n", default=128, show_default=True, help="images per configuration label")
+@click.option("--workers", default=1, show_default=True, help="processes labelling configurations")
+@click.option("--folds", default=5, show_default=True)
+@click.option("--epochs", default=300, show_default=True, help="GNN training epochs per fold")
+@click.option("--cache", default="runs/cache/sensitivity", show_default=True, type=click.Path(path_type=Path))
+def sensitivity(model, target_bits, act_bits, out, configs, n, workers, folds, epochs, cache):
+    """Qua²SeDiMo: label random mixed configurations of MODEL, train the GNN quality predictor,
+    explain which layers are sensitive, and write a mixed-precision recipe per target.
+
+    \b
+    Example:
+      diffquant sensitivity mnist-unet --target-bits 3.5 --act-bits 6 --out runs/unet-mp
+      diffquant quantize mnist-unet --recipe runs/unet-mp/mnist-unet-mp3.5a6.json --out runs/unet-mp35
+    """
+    from diffquant.methods.sensitivity.pipeline import SensitivitySettings, label_recipes, run
+
+    try:
+        targets = [float(t) for t in target_bits.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected numbers such as 3.5 or 3.5,3.9, got {target_bits!r}",
+                                 param_hint="--target-bits") from None
+    settings = SensitivitySettings(configs=configs, n=n, workers=workers, folds=folds, epochs=epochs)
+    doc = run(model, out, targets, act_bits, settings, cache=cache)
+    doc = label_recipes(doc, model, out, cache=cache)
+    rho = {k: v["mean"]["spearman"] for k, v in doc["predictors"].items()}
+    click.echo(f"held-out Spearman: GNN {rho['gnn']:.3f}, trees {rho['trees']:.3f}, "
+               f"summed error {rho['summed_error']:.3f}")
+    for r in doc["recipes"].values():
+        click.echo(f"wrote {out / r['file']}: {r['effective_bits']:.3f} bits, FID-to-FP ({n} images) "
+                   f"{r['label']['fid_to_fp']:.3f}")
+
+
 @main.command("eval")
 @click.argument("model")
 @click.option("--ref", required=True, help="the FP reference model (zoo name or folder)")

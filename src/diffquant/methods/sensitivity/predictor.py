@@ -146,6 +146,9 @@ def folds(n: int, k: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def evaluate_predictions(pred: np.ndarray, y: np.ndarray) -> dict:
+    """Spearman (0 where a constant prediction ranks nothing) and NDCG@10."""
+    if np.ptp(pred) == 0 or np.ptp(y) == 0:
+        return {"spearman": 0.0, "ndcg10": ndcg_at(pred, y, 10)}
     return {"spearman": float(spearmanr(pred, y).statistic), "ndcg10": ndcg_at(pred, y, 10)}
 
 

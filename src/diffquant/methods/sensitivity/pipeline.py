@@ -1,0 +1,199 @@
+"""`diffquant sensitivity`: from a model to a mixed-precision recipe, its explanations and plots.
+
+space -> random configurations + the uniform ones -> labels -> predictors in k folds -> unit scores
+-> recipe at the target bits. Everything expensive is cached under `cache` (the option table,
+every label), so a second call with another target only re-fits and re-searches.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffquant.io_utils import write_json
+from diffquant.methods.sensitivity.explain import recipe_for_bits, sensitivity, unit_scores
+from diffquant.methods.sensitivity.graph import extract_graph
+from diffquant.methods.sensitivity.predictor import TrainConfig, cross_validate, target_of
+from diffquant.methods.sensitivity.sample import (
+    LabelConfig,
+    config_key,
+    config_to_json,
+    label_parallel,
+    random_configs,
+)
+from diffquant.methods.sensitivity.space import Option, SearchSpace
+from diffquant.nn.act import ActSpec
+from diffquant.pipelines import latent_shape
+
+ROLES = (("io", r"^(conv_in|conv_out|pos_embed\.proj|proj_out_2)$"),
+         ("time/class embedding",
+          r"time_embedding|timestep_embedder|time_emb_proj|class_embedding|norm1\.linear|proj_out_1"),
+         ("attention q/k/v", r"\.(qkv|to_[qkv])$"),
+         ("attention out", r"to_out"),
+         ("feed-forward", r"\.ff\."),
+         ("skip / shortcut", r"conv_shortcut"),
+         ("down / up sampler", r"samplers"),
+         ("resnet conv", r"resnets\.\d+\.conv[12]$"))
+
+
+def layer_role(unit: str) -> str:
+    for role, pattern in ROLES:
+        if re.search(pattern, unit):
+            return role
+    return "other"
+
+
+@dataclass(frozen=True)
+class SensitivitySettings:
+    configs: int = 120
+    n: int = 128
+    workers: int = 1
+    folds: int = 5
+    epochs: int = 300
+    target: str = "fid_to_fp"
+    explain_configs: int = 32  # labelled configurations the partial dependence averages over
+
+
+def uniform_configs(space: SearchSpace) -> list[dict[str, Option]]:
+    return [{u: o for u in space.units} for o in space.options]
+
+
+def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: int | None = None,
+        settings: SensitivitySettings = SensitivitySettings(), cache: str | Path = "runs/cache/sensitivity",
+        progress: bool = True) -> dict:
+    import diffquant as dq
+
+    out, cache = Path(out), Path(cache) / model_name
+    model, scheduler = dq.load(model_name)[:2]
+    space = SearchSpace(model, cache_dir=cache / "space").build(progress=progress)
+    configs = random_configs(space, settings.configs, seed=0)
+    uniform = uniform_configs(space)
+    label_dir = cache / f"labels-n{settings.n}"
+    labels = label_parallel(model_name, cache / "space", configs + uniform, label_dir, LabelConfig(n=settings.n),
+                            workers=settings.workers)
+    by_key = {lab["key"]: lab for lab in labels}
+    rand = [c for c in configs if config_key(c) in by_key]
+    y = target_of([by_key[config_key(c)] for c in rand], settings.target)
+    graph = extract_graph(model, torch.randn(1, *latent_shape(model)), torch.tensor([500]), torch.tensor([0]))
+    cv = cross_validate(space, graph, rand, y, k=settings.folds, cfg=TrainConfig(epochs=settings.epochs))
+    weights = [f["spearman"] for f in cv["gnn"]]
+    scores = unit_scores(space, graph, cv["models"], weights, rand[:settings.explain_configs])
+    sens = sensitivity(space, scores)
+    act = ActSpec(act_bits, "dynamic") if act_bits else None
+    recipes = {}
+    for tb in target_bits:
+        config, info = recipe_for_bits(space, scores, tb, graph, cv["models"], weights)
+        name = f"{model_name}-mp{tb:g}" + (f"a{act_bits}" if act_bits else "")
+        recipe = space.to_recipe(config, name, act=act)
+        out.mkdir(parents=True, exist_ok=True)
+        recipe.to_json(out / f"{name}.json")
+        recipes[name] = {"file": f"{name}.json", "config": config_to_json(config), **info}
+    doc = {"model": model_name, "settings": settings.__dict__, "units": len(space.units),
+           "options": [o.key for o in space.options], "graph": {"nodes": len(graph.names), "edges": len(graph.edges)},
+           "predictors": {k: {"folds": cv[k], "mean": cv[f"{k}_mean"]} for k in ("gnn", "trees", "summed_error")},
+           "heldout": {"pred": [float(v) for v in cv["heldout"]], "true": [float(v) for v in y]},
+           "labels": [_brief(by_key[config_key(c)]) for c in rand],
+           "uniform": {o.key: _brief(by_key[config_key(c)]) for o, c in zip(space.options, uniform, strict=True)
+                       if config_key(c) in by_key},
+           "unit_scores": scores, "sensitivity": sens, "roles": {u: layer_role(u) for u in space.units},
+           "blocks": _unit_blocks(space, graph), "recipes": recipes}
+    write_json(out / "sensitivity.json", doc)
+    plot(doc, out)
+    return doc
+
+
+def _brief(label: dict) -> dict:
+    return {k: label[k] for k in ("key", "bits", "fid_to_fp", "mse_to_fp")}
+
+
+def _unit_blocks(space: SearchSpace, graph) -> dict[str, int]:
+    return {u: graph.block[graph.index[ls[0]]] for u, ls in space.units.items()}
+
+
+def plot(doc: dict, out: Path) -> None:
+    """sensitivity-by-role.png (box), sensitivity-by-block.png (bar), recipe-<name>.png (the denoiser's
+    layers in forward order coloured by chosen bits), pareto.png (bits against label)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sens, roles, blocks = doc["sensitivity"], doc["roles"], doc["blocks"]
+    names = sorted(set(roles.values()), key=lambda r: -np.median([sens[u] for u in sens if roles[u] == r]))
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    ax.boxplot([[sens[u] for u in sens if roles[u] == r] for r in names], tick_labels=names)
+    ax.set_ylabel("sensitivity (score at 2 bits - at 4)")
+    ax.tick_params(axis="x", rotation=30)
+    ax.set_title(f"{doc['model']}: sensitivity per layer role")
+    fig.tight_layout()
+    fig.savefig(out / "sensitivity-by-role.png", dpi=120)
+    plt.close(fig)
+    bs = sorted(set(blocks.values()))
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.bar([str(b) for b in bs], [np.mean([sens[u] for u in sens if blocks[u] == b]) for b in bs])
+    ax.set_xlabel("block index (0: before the first block, last: after the last)")
+    ax.set_ylabel("mean sensitivity")
+    ax.set_title(f"{doc['model']}: sensitivity per block")
+    fig.tight_layout()
+    fig.savefig(out / "sensitivity-by-block.png", dpi=120)
+    plt.close(fig)
+    for name, rec in doc["recipes"].items():
+        units = list(rec["config"])
+        bits = [Option.parse(rec["config"][u]).bits for u in units]
+        fig, ax = plt.subplots(figsize=(10, 2.6))
+        colors = {2: "tab:red", 3: "tab:orange", 4: "tab:green"}
+        ax.bar(range(len(units)), [1] * len(units), color=[colors.get(b, "grey") for b in bits], width=1.0)
+        for i in range(1, len(units)):
+            if blocks[units[i]] != blocks[units[i - 1]]:
+                ax.axvline(i - 0.5, color="black", lw=0.8)
+        ax.set_yticks([])
+        ax.set_xlabel("units in forward order (lines: block boundaries); red 2 bits, orange 3, green 4")
+        ax.set_title(f"{name}: {rec['effective_bits']:.2f} effective bits")
+        fig.tight_layout()
+        fig.savefig(out / f"recipe-{name}.png", dpi=120)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lab = doc["labels"]
+    ax.scatter([x["bits"] for x in lab], [x["fid_to_fp"] for x in lab], s=8, alpha=0.5, label="random configurations")
+    uni = doc["uniform"]
+    ax.scatter([v["bits"] for v in uni.values()], [v["fid_to_fp"] for v in uni.values()], marker="s", color="black",
+               label="uniform")
+    for k, v in uni.items():
+        ax.annotate(k, (v["bits"], v["fid_to_fp"]), fontsize=6)
+    picks = [v for v in doc["recipes"].values() if "label" in v]
+    if picks:
+        ax.scatter([v["label"]["bits"] for v in picks], [v["label"]["fid_to_fp"] for v in picks], marker="*",
+                   s=120, color="tab:red", label="predictor's recipes")
+    ax.set_yscale("log")
+    ax.set_xlabel("effective bits")
+    ax.set_ylabel(f"FID to FP ({doc['settings']['n']} images)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=120)
+    plt.close(fig)
+
+
+def label_recipes(doc: dict, model_name: str, out: Path, cache: str | Path = "runs/cache/sensitivity") -> dict:
+    """Labels the recipes' configurations like the random ones (for the Pareto plot)."""
+    from diffquant.methods.sensitivity.sample import config_from_json
+
+    cache = Path(cache) / model_name
+    configs = [config_from_json(r["config"]) for r in doc["recipes"].values()]
+    got = label_parallel(model_name, cache / "space", configs, cache / f"labels-n{doc['settings']['n']}",
+                         LabelConfig(n=doc["settings"]["n"]))
+    by_key = {g["key"]: g for g in got}
+    for r, c in zip(doc["recipes"].values(), configs, strict=True):
+        lab = by_key[config_key(c)]
+        r["label"] = _brief(lab)
+    write_json(out / "sensitivity.json", doc)
+    plot(doc, out)
+    return doc
+
+
+def load(out: str | Path) -> dict:
+    return json.loads((Path(out) / "sensitivity.json").read_text())
