@@ -5,7 +5,8 @@ from click.testing import CliRunner
 
 from diffquant.cli import main
 
-COMMANDS = ["demo", "sample", "quantize", "eval", "report", "recipes", "zoo", "zoo train", "zoo list"]
+COMMANDS = ["demo", "sample", "quantize", "eval", "report", "recipes", "zoo", "zoo train", "zoo list", "sensitivity",
+            "analyze-trajectory"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
