@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     RECIPES.mkdir(exist_ok=True)
     for r in doc["recipes"].values():
         shutil.copy(out / r["file"], RECIPES / r["file"])
+    doc["benchmark"] = "sensitivity"
+    doc["plots_dir"] = out.name if out.parent == args.json.parent else str(out)
     doc["wall_time_s"] = round(time.time() - t0, 1)
     doc.update(provenance())
     write_json(args.json, doc)

@@ -107,6 +107,69 @@ def _kernel_section(name: str, doc: dict) -> str:
             + _img_tag(_kernel_plot(rows), "kernel speed-ups") + f"<table><tr>{head}</tr>{body}</table>")
 
 
+def _rows_table(rows: list[dict], cols: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c, '-')))}</td>" for c in cols) + "</tr>"
+                   for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _provenance_line(doc: dict) -> str:
+    m = doc.get("machine", {})
+    return (f"<p>commit {doc.get('commit')} · {html.escape(str(m.get('cpu')))} ({m.get('cores')} cores, "
+            f"torch {m.get('torch')}) · wall {doc.get('wall_time_s')} s</p>")
+
+
+def _memory_section(name: str, doc: dict) -> str:
+    """benchmarks/accuquant_memory.py: calibration memory and time against M, gradient agreement."""
+    cols = ["grad", "M", "unit", "batch", "s_per_iter", "graph_peak_mib", "peak_rss_mib"]
+    agree = doc.get("gradient_agreement", [])
+    acols = list(agree[0]) if agree else []
+    return (f"<h2>{html.escape(name)}: AccuQuant calibration memory against M</h2>" + _provenance_line(doc)
+            + "<p>graph_peak_mib: the autograd graph's peak (what grows with M for exact back-propagation); "
+              "o1: one step's graph at a time.</p>" + _rows_table(doc["rows"], cols)
+            + ("<h3>O(1) gradient against the exact one</h3>" + _rows_table(agree, acols) if agree else ""))
+
+
+def _trajectory_section(res: Path, doc: dict) -> str:
+    """benchmarks/trajectory.py: per-step and accumulated distance from the FP trajectory."""
+    rows = [{"method": k, "per_step_rms_mean": sum(v["per_step_rms"]) / v["steps"],
+             "accumulated_rms_end": v["accumulated_rms"][-1]} for k, v in doc["results"].items()]
+    png = res.parent / doc.get("plot", "")
+    img = _img_tag(png.read_bytes(), "trajectory error") if doc.get("plot") and png.exists() else ""
+    return (f"<h2>{html.escape(res.name)}: error accumulation, {html.escape(doc['model'])} "
+            f"{html.escape(doc.get('setting', ''))}</h2>" + _provenance_line(doc) + img
+            + _rows_table(rows, ["method", "per_step_rms_mean", "accumulated_rms_end"]))
+
+
+def _sensitivity_section(res: Path, doc: dict) -> str:
+    """benchmarks/sensitivity.py: predictor quality, the label check, recipes and the plots."""
+    preds = [{"predictor": k, **v["mean"]} for k, v in doc["predictors"].items()]
+    recs = []
+    for k, v in doc["recipes"].items():
+        label = {f"label_{a}": b for a, b in v.get("label", {}).items() if a != "key"}
+        recs.append({"recipe": k, "effective_bits": v["effective_bits"], **label})
+    uni = [{"uniform": k, **{a: b for a, b in v.items() if a != "key"}} for k, v in doc.get("uniform", {}).items()]
+    plots = res.parent / doc.get("plots_dir", "")
+    imgs = "".join(_img_tag((plots / p).read_bytes(), p, 520) for p in
+                   ["sensitivity-by-role.png", "sensitivity-by-block.png", "pareto.png",
+                    *[f"recipe-{k}.png" for k in doc["recipes"]]] if doc.get("plots_dir") and (plots / p).exists())
+    check = doc.get("label_check")
+    return (f"<h2>{html.escape(res.name)}: Qua²SeDiMo on {html.escape(doc['model'])}</h2>" + _provenance_line(doc)
+            + f"<p>{len(doc['labels'])} random configurations labelled with {doc['settings']['n']} images each; "
+              f"{doc['settings']['folds']}-fold held-out ranking quality of the target "
+              f"{html.escape(doc['settings']['target'])} (lower is better).</p>"
+            + _rows_table(preds, ["predictor", "spearman", "ndcg10"])
+            + (f"<p>label check: {html.escape(json.dumps(check))}</p>" if check else "")
+            + "<h3>recipes</h3>" + _rows_table(recs, list(recs[0]) if recs else [])
+            + "<h3>uniform configurations</h3>" + _rows_table(uni, list(uni[0]) if uni else [])
+            + f"<div class='grids'>{imgs}</div>")
+
+
 def make_report(results: list[Path | str], out: Path | str) -> Path:
     parts = ["<!doctype html><meta charset='utf-8'><title>diffquant report</title><style>"
              "body{font-family:sans-serif;margin:2em;max-width:1300px} table{border-collapse:collapse;font-size:13px}"
@@ -116,6 +179,16 @@ def make_report(results: list[Path | str], out: Path | str) -> Path:
     for res in results:
         res = Path(res)
         doc = json.loads(res.read_text())
+        kind = doc.get("benchmark")
+        if kind == "trajectory":
+            parts.append(_trajectory_section(res, doc))
+            continue
+        if kind == "sensitivity":
+            parts.append(_sensitivity_section(res, doc))
+            continue
+        if kind == "accuquant_memory":
+            parts.append(_memory_section(res.name, doc))
+            continue
         rows = doc.get("rows", [])
         if not rows:
             raise ValueError(f"{res} holds no result rows; run a benchmark first")
