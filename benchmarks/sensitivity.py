@@ -41,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from diffquant.io_utils import write_json
-    from diffquant.methods.sensitivity.pipeline import SensitivitySettings, label_recipes, run
-    from diffquant.methods.sensitivity.sample import LabelConfig, label_parallel, random_configs
-    from diffquant.methods.sensitivity.space import SearchSpace
     from diffquant.provenance import provenance
+    from diffquant.sensitivity.pipeline import SensitivitySettings, label_recipes, run
+    from diffquant.sensitivity.sample import LabelConfig, label_parallel, random_configs
+    from diffquant.sensitivity.space import SearchSpace
 
     torch.set_num_threads(1)
     t0 = time.time()

@@ -282,7 +282,7 @@ def sensitivity(model, target_bits, act_bits, out, configs, n, workers, folds, e
       diffquant sensitivity mnist-unet --target-bits 3.5 --act-bits 6 --out runs/unet-mp
       diffquant quantize mnist-unet --recipe runs/unet-mp/mnist-unet-mp3.5a6.json --out runs/unet-mp35
     """
-    from diffquant.methods.sensitivity.pipeline import SensitivitySettings, label_recipes, run
+    from diffquant.sensitivity.pipeline import SensitivitySettings, label_recipes, run
 
     try:
         targets = [float(t) for t in target_bits.split(",")]

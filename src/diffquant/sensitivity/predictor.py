@@ -25,8 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from diffquant.methods.sensitivity.graph import OP_KINDS, ModelGraph
-from diffquant.methods.sensitivity.space import METHODS, Option, SearchSpace
+from diffquant.sensitivity.graph import OP_KINDS, ModelGraph
+from diffquant.sensitivity.space import METHODS, Option, SearchSpace
 
 LAYER_KINDS = ("linear", "conv", "conv1x1")
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import diffquant as dq
-from diffquant.methods.sensitivity.graph import extract_graph
 from diffquant.nn.swap import quantizable_layers
 from diffquant.pipelines import latent_shape
+from diffquant.sensitivity.graph import extract_graph
 
 
 def _graph(model):

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from diffquant.methods.sensitivity.sample import (
+from diffquant.sensitivity.sample import (
     LabelConfig,
     Labeler,
     config_from_json,
@@ -12,7 +12,7 @@ from diffquant.methods.sensitivity.sample import (
     label_all,
     random_configs,
 )
-from diffquant.methods.sensitivity.space import Option, SearchSpace, all_options
+from diffquant.sensitivity.space import Option, SearchSpace, all_options
 
 
 class _PixelFeatures:

@@ -16,19 +16,19 @@ import numpy as np
 import torch
 
 from diffquant.io_utils import write_json
-from diffquant.methods.sensitivity.explain import recipe_for_bits, sensitivity, unit_scores
-from diffquant.methods.sensitivity.graph import extract_graph
-from diffquant.methods.sensitivity.predictor import TrainConfig, cross_validate, target_of
-from diffquant.methods.sensitivity.sample import (
+from diffquant.nn.act import ActSpec
+from diffquant.pipelines import latent_shape
+from diffquant.sensitivity.explain import recipe_for_bits, sensitivity, unit_scores
+from diffquant.sensitivity.graph import extract_graph
+from diffquant.sensitivity.predictor import TrainConfig, cross_validate, target_of
+from diffquant.sensitivity.sample import (
     LabelConfig,
     config_key,
     config_to_json,
     label_parallel,
     random_configs,
 )
-from diffquant.methods.sensitivity.space import Option, SearchSpace
-from diffquant.nn.act import ActSpec
-from diffquant.pipelines import latent_shape
+from diffquant.sensitivity.space import Option, SearchSpace
 
 ROLES = (("io", r"^(conv_in|conv_out|pos_embed\.proj|proj_out_2)$"),
          ("time/class embedding",
@@ -180,7 +180,7 @@ def plot(doc: dict, out: Path) -> None:
 
 def label_recipes(doc: dict, model_name: str, out: Path, cache: str | Path = "runs/cache/sensitivity") -> dict:
     """Labels the recipes' configurations like the random ones (for the Pareto plot)."""
-    from diffquant.methods.sensitivity.sample import config_from_json
+    from diffquant.sensitivity.sample import config_from_json
 
     cache = Path(cache) / model_name
     configs = [config_from_json(r["config"]) for r in doc["recipes"].values()]

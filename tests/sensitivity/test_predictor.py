@@ -4,17 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from diffquant.methods.sensitivity.graph import extract_graph
-from diffquant.methods.sensitivity.predictor import (
+from diffquant.pipelines import latent_shape
+from diffquant.sensitivity.graph import extract_graph
+from diffquant.sensitivity.predictor import (
     GATv2Layer,
     TrainConfig,
     cross_validate,
     ndcg_at,
     node_features,
 )
-from diffquant.methods.sensitivity.sample import random_configs
-from diffquant.methods.sensitivity.space import SearchSpace, all_options
-from diffquant.pipelines import latent_shape
+from diffquant.sensitivity.sample import random_configs
+from diffquant.sensitivity.space import SearchSpace, all_options
 
 
 def test_ndcg_is_one_for_the_right_order_and_lower_for_the_reverse():

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from diffquant.methods.sensitivity.explain import recipe_for_bits, sensitivity, unit_scores
-from diffquant.methods.sensitivity.graph import extract_graph
-from diffquant.methods.sensitivity.predictor import TrainConfig, node_features, train_gnn
-from diffquant.methods.sensitivity.sample import random_configs
-from diffquant.methods.sensitivity.space import SearchSpace, all_options
 from diffquant.pipelines import latent_shape
+from diffquant.sensitivity.explain import recipe_for_bits, sensitivity, unit_scores
+from diffquant.sensitivity.graph import extract_graph
+from diffquant.sensitivity.predictor import TrainConfig, node_features, train_gnn
+from diffquant.sensitivity.sample import random_configs
+from diffquant.sensitivity.space import SearchSpace, all_options
 
 SENSITIVE = "proj_out_2"
 

@@ -27,8 +27,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from diffquant.io_utils import write_json
-from diffquant.methods.sensitivity.space import Option, SearchSpace
 from diffquant.pipelines import balanced_labels, sample
+from diffquant.sensitivity.space import Option, SearchSpace
 
 LABEL_SEED = 4_000_000  # away from evaluation, calibration, PV and reconstruction seeds
 

@@ -5,7 +5,7 @@ import torch
 
 import diffquant as dq
 from diffquant.accounting import bit_report
-from diffquant.methods.sensitivity.space import Option, SearchSpace, all_options, tied_units
+from diffquant.sensitivity.space import Option, SearchSpace, all_options, tied_units
 
 
 def _uniform(space, key):

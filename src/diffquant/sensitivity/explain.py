@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from diffquant.methods.sensitivity.graph import ModelGraph
-from diffquant.methods.sensitivity.predictor import GNNPredictor, node_features
-from diffquant.methods.sensitivity.space import Option, SearchSpace
+from diffquant.sensitivity.graph import ModelGraph
+from diffquant.sensitivity.predictor import GNNPredictor, node_features
+from diffquant.sensitivity.space import Option, SearchSpace
 
 
 @torch.no_grad()
