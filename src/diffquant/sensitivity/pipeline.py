@@ -93,6 +93,9 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
         out.mkdir(parents=True, exist_ok=True)
         recipe.to_json(out / f"{name}.json")
         recipes[name] = {"file": f"{name}.json", "config": config_to_json(config), **info}
+    for o, c in zip(space.options, uniform, strict=True):  # the single-method baselines, as recipes too
+        space.to_recipe(c, f"{model_name}-uniform-{o.key}", act=act).to_json(
+            out / f"{model_name}-uniform-{o.key}{f'a{act_bits}' if act_bits else ''}.json")
     doc = {"model": model_name, "settings": settings.__dict__, "units": len(space.units),
            "options": [o.key for o in space.options], "graph": {"nodes": len(graph.names), "edges": len(graph.edges)},
            "predictors": {k: {"folds": cv[k], "mean": cv[f"{k}_mean"]} for k in ("gnn", "trees", "summed_error")},
