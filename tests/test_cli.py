@@ -126,7 +126,8 @@ def test_sensitivity_writes_recipes_that_quantize_applies(tmp_path, monkeypatch,
                      "-n", "6", "--folds", "2", "--epochs", "3", "--cache", "cache"])
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "mp/sensitivity.json").read_text())
-    (rec,) = doc["recipes"].values()
+    rec = doc["recipes"]["fp-mp3.2a6"]
+    assert set(doc["recipes"]) == {"fp-mp3.2", "fp-mp3.2a6"}
     assert rec["effective_bits"] <= 3.2
     for png in ("sensitivity-by-role.png", "sensitivity-by-block.png", "pareto.png"):
         assert (tmp_path / "mp" / png).exists()

@@ -85,17 +85,19 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
     scores = unit_scores(space, graph, cv["models"], weights, rand[:settings.explain_configs])
     sens = sensitivity(space, scores)
     act = ActSpec(act_bits, "dynamic") if act_bits else None
-    recipes = {}
+    recipes: dict = {}
+    out.mkdir(parents=True, exist_ok=True)
+    acts = [(None, "")] + ([(act, f"a{act_bits}")] if act else [])  # weight-only, and with activations
     for tb in target_bits:
         config, info = recipe_for_bits(space, scores, tb, graph, cv["models"], weights)
-        name = f"{model_name}-mp{tb:g}" + (f"a{act_bits}" if act_bits else "")
-        recipe = space.to_recipe(config, name, act=act)
-        out.mkdir(parents=True, exist_ok=True)
-        recipe.to_json(out / f"{name}.json")
-        recipes[name] = {"file": f"{name}.json", "config": config_to_json(config), **info}
+        for spec, tag in acts:
+            name = f"{model_name}-mp{tb:g}{tag}"
+            space.to_recipe(config, name, act=spec).to_json(out / f"{name}.json")
+            recipes[name] = {"file": f"{name}.json", "config": config_to_json(config), **info}
     for o, c in zip(space.options, uniform, strict=True):  # the single-method baselines, as recipes too
-        space.to_recipe(c, f"{model_name}-uniform-{o.key}", act=act).to_json(
-            out / f"{model_name}-uniform-{o.key}{f'a{act_bits}' if act_bits else ''}.json")
+        for spec, tag in acts:
+            space.to_recipe(c, f"{model_name}-uniform-{o.key}{tag}", act=spec).to_json(
+                out / f"{model_name}-uniform-{o.key}{tag}.json")
     doc = {"model": model_name, "settings": settings.__dict__, "units": len(space.units),
            "options": [o.key for o in space.options], "graph": {"nodes": len(graph.names), "edges": len(graph.edges)},
            "predictors": {k: {"folds": cv[k], "mean": cv[f"{k}_mean"]} for k in ("gnn", "trees", "summed_error")},
