@@ -158,13 +158,13 @@ SEMI_PV = PVConfig()
 RECON_SETTINGS = ((4, 8), (3, 8), (3, 6))
 
 
-def _recon(name: str, wbits: int, abits: int, objective: str, m: int = 4) -> QuantConfig:
+def _recon(name: str, wbits: int, abits: int, objective: str, m: int = 4, balance: bool = False) -> QuantConfig:
     """Q-Diffusion's baseline (`perstep`) or AccuQuant (`accuquant`, groups of M DDIM steps, O(1)
     memory): the same RTN grid (per-channel Lp-clipped) and 8-bit first / last layer, split skip
     activations, then reconstruction of AdaRound roundings and LSQ activation ranges, unit by unit;
     the two differ only in the objective."""
     return QuantConfig(name=name, weight=WeightConfig("uniform", wbits, clip="lp"), act=ActSpec(abits, "static"),
-                       layers=dict(IO_8BIT), recon=ReconConfig(objective=objective, group_steps=m),
+                       layers=dict(IO_8BIT), recon=ReconConfig(objective=objective, group_steps=m, balance_starts=balance),
                        split_skips=True)
 
 
@@ -206,6 +206,7 @@ RECIPES: dict[str, QuantConfig] = {
         # AccuQuant against its per-step baseline (Q-Diffusion), at W4A8, W3A8 and W3A6
         *[_recon(f"w{w}a{a}-{obj}", w, a, obj) for w, a in RECON_SETTINGS for obj in ("perstep", "accuquant")],
         *[_recon(f"w{w}a{a}-accuquant-m{m}", w, a, "accuquant", m) for w, a in RECON_SETTINGS for m in (2, 8)],
+        *[_recon(f"w{w}a{a}-accuquant-bal", w, a, "accuquant", balance=True) for w, a in RECON_SETTINGS],
     ]
 }
 

@@ -74,6 +74,10 @@ class ReconConfig:
     beta_start: float = 20.0
     beta_end: float = 2.0
     warmup: float = 0.2  # fraction of iterations without the regulariser
+    # accuquant: divide each group's loss by its round-to-nearest loss at the same start step, so that
+    # every start weighs the same (the raw end-of-group loss varies ~13x over the start step at M=4 on
+    # the zoo U-Net, smallest for the noisiest starts)
+    balance_starts: bool = False
     guidance: float | None = None  # the model's own by default
     seed: int = RECON_SEED
 
@@ -298,6 +302,7 @@ def _state_file(resume_dir: str | Path | None, cfg: ReconConfig, name: str) -> P
     if resume_dir is None:
         return None
     key = f"{cfg.objective}-M{cfg.group_steps}-{cfg.grad}" if cfg.objective == "accuquant" else "perstep"
+    key += "-bal" if cfg.objective == "accuquant" and cfg.balance_starts else ""
     return Path(resume_dir) / f"recon-{name}-{key}.pt"
 
 
@@ -344,6 +349,17 @@ def _probe_loss(student, scheduler, unit: str, cfg: ReconConfig, traj: Trajector
     losses = [_sq_err([_ddim_chain(student, scheduler, traj.x[s][:n], traj.labels[:n], traj.timesteps[s:s + m],
                                    guidance, null_class)[-1]], [traj.x[s + m][:n]]) for s in starts]
     return float(sum(losses) / len(losses))
+
+
+@torch.no_grad()
+def _start_losses(student, scheduler, cfg: ReconConfig, traj: Trajectories, guidance: float,
+                  null_class: int) -> list[float]:
+    """The end-of-group loss from every start step, before the unit learns (balance_starts)."""
+    m, n = cfg.group_steps, min(cfg.trajectories, 2 * cfg.batch_size)
+    return [max(float(_sq_err([_ddim_chain(student, scheduler, traj.x[s][:n], traj.labels[:n],
+                                           traj.timesteps[s:s + m], guidance, null_class)[-1]],
+                              [traj.x[s + m][:n]])), 1e-12)
+            for s in range(cfg.sample_steps - m + 1)]
 
 
 def reconstruct(student: nn.Module, teacher: nn.Module, scheduler, cfg: ReconConfig, progress: bool = True,
@@ -399,6 +415,8 @@ def _calibrate_unit(student, teacher, scheduler, cfg: ReconConfig, unit: str, la
     if cfg.objective == "perstep":
         pool = _perstep_pool(student, teacher, unit, traj, max(256, 4 * cfg.batch_size), gen)
     loss0 = max(_probe_loss(student, scheduler, unit, cfg, traj, pool, guidance, null_class), 1e-12)
+    per_start = _start_losses(student, scheduler, cfg, traj, guidance, null_class) \
+        if cfg.objective == "accuquant" and cfg.balance_starts else None
     tr = Trainable(layers, teacher)
     groups = [{"params": tr.weight_params, "lr": cfg.lr}]
     if tr.act_params:
@@ -425,7 +443,7 @@ def _calibrate_unit(student, teacher, scheduler, cfg: ReconConfig, unit: str, la
             loss = group_loss_and_grad(student, scheduler, tr, traj.x[s][idx], traj.labels[idx],
                                        traj.x[s + m][idx], traj.timesteps[s:s + m], guidance,
                                        null_class, cfg.grad, coeffs[s:s + m] if coeffs else None, extra,
-                                       loss_scale=1 / loss0)
+                                       loss_scale=1 / (per_start[s] if per_start is not None else loss0))
         opt.step()
         losses.append(loss)
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]) / loss0:.4g}", refresh=False)
