@@ -163,9 +163,9 @@ def _recon(name: str, wbits: int, abits: int, objective: str, m: int = 4, balanc
     memory): the same RTN grid (per-channel Lp-clipped) and 8-bit first / last layer, split skip
     activations, then reconstruction of AdaRound roundings and LSQ activation ranges, unit by unit;
     the two differ only in the objective."""
+    recon = ReconConfig(objective=objective, group_steps=m, balance_starts=balance)
     return QuantConfig(name=name, weight=WeightConfig("uniform", wbits, clip="lp"), act=ActSpec(abits, "static"),
-                       layers=dict(IO_8BIT), recon=ReconConfig(objective=objective, group_steps=m, balance_starts=balance),
-                       split_skips=True)
+                       layers=dict(IO_8BIT), recon=recon, split_skips=True)
 
 
 def _aq(name: str, target_bits: float, abits: int | None, finetune: PVConfig | None = SEMI_PV,
