@@ -145,3 +145,18 @@ def test_fp_blocks_swaps_in_the_teachers_blocks_and_restores(tiny_unet, schedule
         assert q.up_blocks[1] is tiny_unet.up_blocks[1] and q.mid_block is tiny_unet.mid_block
         assert q.up_blocks[0] is not tiny_unet.up_blocks[0]
     assert q.up_blocks[1] is mine and q.mid_block is not tiny_unet.mid_block
+
+
+def test_balanced_starts_weigh_every_start_by_its_own_rtn_loss(tiny_unet, scheduler, tmp_path):
+    from diffquant.methods.accuquant import _start_losses, _state_file
+
+    q = _rtn(tiny_unet, scheduler)
+    cfg = ReconConfig(objective="accuquant", group_steps=2, balance_starts=True, **TINY)
+    traj = fp_trajectories(tiny_unet, scheduler, cfg)
+    meta = meta_of(tiny_unet)
+    losses = _start_losses(q, scheduler, cfg, traj, meta.guidance_scale, meta.null_class)
+    assert len(losses) == cfg.sample_steps - cfg.group_steps + 1 and min(losses) > 0
+    plain = ReconConfig(objective="accuquant", group_steps=2, **TINY)
+    assert _state_file(tmp_path, cfg, "m") != _state_file(tmp_path, plain, "m")  # never resumed from the other
+    log = reconstruct(q, tiny_unet, scheduler, cfg, progress=False)
+    assert all(u["loss_after"] > 0 for u in log["units"].values())
