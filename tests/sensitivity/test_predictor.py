@@ -49,3 +49,17 @@ def test_gnn_finds_the_sensitive_layer(tiny_dit):
     cv = cross_validate(space, g, configs, y, k=3, cfg=TrainConfig(epochs=60, batch_size=16))
     assert cv["gnn_mean"]["spearman"] > 0.6
     assert cv["gnn_mean"]["spearman"] > cv["summed_error_mean"]["spearman"]
+
+
+def test_edge_list_attention_equals_the_dense_formula():
+    torch.manual_seed(1)
+    layer = GATv2Layer(6, 8, heads=2)
+    adj = torch.rand(7, 7) < 0.3
+    adj |= torch.eye(7, dtype=torch.bool)
+    h = torch.randn(3, 7, 6)
+    hl = layer.wl(h).view(3, 7, 2, 4)
+    hr = layer.wr(h).view(3, 7, 2, 4)
+    e = (torch.nn.functional.leaky_relu(hl[:, :, None] + hr[:, None, :], 0.2) * layer.att).sum(-1)
+    alpha = e.masked_fill(~adj[None, :, :, None], float("-inf")).softmax(dim=2)
+    dense = torch.einsum("bijh,bjhd->bihd", alpha, hr).reshape(3, 7, 8)
+    torch.testing.assert_close(layer(h, adj), dense)

@@ -65,13 +65,20 @@ class GATv2Layer(nn.Module):
         self.att = nn.Parameter(torch.randn(heads, self.dh) / math.sqrt(self.dh))
 
     def forward(self, h: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
+        """h (batch, nodes, dim_in); adj (nodes, nodes) boolean, adj[i, j]: j sends to i. Runs over the
+        edge list (a few per node), not the dense nodes x nodes square."""
         b, n, _ = h.shape
+        dst, src = adj.nonzero(as_tuple=True)
         hl = self.wl(h).view(b, n, self.heads, self.dh)
         hr = self.wr(h).view(b, n, self.heads, self.dh)
-        e = (F.leaky_relu(hl[:, :, None] + hr[:, None, :], 0.2) * self.att).sum(-1)  # (b, i, j, heads)
-        e = e.masked_fill(~adj[None, :, :, None], float("-inf"))
-        alpha = e.softmax(dim=2)
-        return torch.einsum("bijh,bjhd->bihd", alpha, hr).reshape(b, n, -1)
+        e = (F.leaky_relu(hl[:, dst] + hr[:, src], 0.2) * self.att).sum(-1)  # (b, edges, heads)
+        idx = dst.view(1, -1, 1).expand_as(e)
+        peak = torch.full((b, n, self.heads), float("-inf")).scatter_reduce(1, idx, e, "amax", include_self=True)
+        w = (e - peak.gather(1, idx)).exp()
+        denom = torch.zeros(b, n, self.heads).index_add(1, dst, w)
+        alpha = w / denom.gather(1, idx)
+        out = torch.zeros(b, n, self.heads, self.dh).index_add(1, dst, alpha[..., None] * hr[:, src])
+        return out.reshape(b, n, -1)
 
 
 class GNNPredictor(nn.Module):
