@@ -41,6 +41,29 @@ def section(title: str, files: list[str], model: str) -> str:
     return f"**{title}**: {_header(docs, names)}\n\n{table(rows)}\n"
 
 
+def accuquant_ratios(file: str, model: str) -> str:
+    """FID-to-FP of every calibration of one setting, and its ratio to the per-step baseline's."""
+    path = RESULTS / file
+    if not path.exists():
+        return ""
+    rows = {r["method"]: r for r in json.loads(path.read_text())["rows"] if r["model"] == model}
+    out = ["| setting | calibration | FID-to-FP | / per-step | class acc. | PSNR | SSIM |",
+           "|---|---|---|---|---|---|---|"]
+    for setting in ("w4a8", "w3a8", "w3a6"):
+        base = rows.get(f"{setting}-perstep")
+        for suffix in ("", "-perstep", "-accuquant-m2", "-accuquant", "-accuquant-m8", "-accuquant-bal"):
+            r = rows.get(setting + suffix)
+            if r is None:
+                continue
+            ratio = f"{r['fid_to_fp'] / base['fid_to_fp']:.2f}x" if base else "-"
+            name = {"": "RTN", "-perstep": "per-step (Q-Diffusion)", "-accuquant": "AccuQuant M=4"}.get(
+                suffix, "AccuQuant " + suffix.split("-")[-1].replace("m", "M=").replace("bal", "M=4, balanced"))
+            out.append(f"| {setting.upper()} | {name} | {r['fid_to_fp']:.3f} | {ratio} | {r['class_accuracy']:.3f} | "
+                       f"{r['psnr']:.2f} | {r['ssim']:.3f} |")
+    return (f"**U-Net, calibration objectives (1,000 samples; `{file}`)**: FID-to-FP against the per-step "
+            "baseline's at the same setting (target for AccuQuant: at most 0.7x)\n\n" + "\n".join(out) + "\n")
+
+
 def main() -> int:
     blocks = [
         section("U-Net, full size (5,000 samples)", ["quality-full-mnist-unet.json"], "mnist-unet"),
@@ -48,6 +71,7 @@ def main() -> int:
         section("U-Net, quick size (1,000 samples)", ["quality-quick-mnist-unet.json"], "mnist-unet"),
         section("DiT, quick size (1,000 samples)", ["quality-quick-mnist-dit.json", "quality-quick-mnist-dit-aq.json"],
                 "mnist-dit"),
+        accuquant_ratios("quality-quick-mnist-unet-accuquant.json", "mnist-unet"),
         section("FP with other noise (seeds 10,000+): the seed-to-seed noise of each metric, U-Net",
                 ["quality-quick-fp-seed10000.json"], "mnist-unet"),
         section("FP with other noise, DiT", ["quality-quick-fp-seed10000.json"], "mnist-dit"),
