@@ -380,7 +380,8 @@ def reconstruct(student: nn.Module, teacher: nn.Module, scheduler, cfg: ReconCon
     done: list[str] = []
     if state_file is not None and state_file.exists():
         st = torch.load(state_file, weights_only=False)
-        if st["cfg"] == asdict(cfg) and set(st["done"]) <= set(units):
+        saved = {**asdict(ReconConfig()), **st["cfg"]}  # a field added since: its default is what ran
+        if saved == asdict(cfg) and set(st["done"]) <= set(units):
             _restore(student, st["snap"])
             done, log = st["done"], st["log"]
     for p in [*student.parameters(), *teacher.parameters()]:
