@@ -18,6 +18,7 @@ import torch
 from diffquant.io_utils import write_json
 from diffquant.nn.act import ActSpec
 from diffquant.pipelines import latent_shape
+from diffquant.provenance import provenance
 from diffquant.sensitivity.explain import recipe_for_bits, sensitivity, unit_scores
 from diffquant.sensitivity.graph import extract_graph
 from diffquant.sensitivity.predictor import TrainConfig, cross_validate, target_of
@@ -106,7 +107,7 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
            "uniform": {o.key: _brief(by_key[config_key(c)]) for o, c in zip(space.options, uniform, strict=True)
                        if config_key(c) in by_key},
            "unit_scores": scores, "sensitivity": sens, "roles": {u: layer_role(u) for u in space.units},
-           "blocks": _unit_blocks(space, graph), "recipes": recipes}
+           "blocks": _unit_blocks(space, graph), "recipes": recipes, **provenance()}
     write_json(out / "sensitivity.json", doc)
     plot(doc, out)
     return doc
