@@ -77,21 +77,26 @@ def test_sample_writes_npz_and_png(tmp_path, tiny_unet, scheduler):
     assert res.exit_code == 0 and (tmp_path / "g.png").exists()
 
 
-def test_quantize_then_eval_end_to_end(tmp_path, monkeypatch, scheduler):
-    """The CLI contract: quantize writes a folder usable as MODEL; eval writes every metric."""
-    import json
-
+def _save_tiny32(path, scheduler):
+    """A one-block 32x32 DiT saved as an FP model folder (the metric network's image size)."""
     import torch
     from diffusers import DiTTransformer2DModel
 
     from diffquant.models import ModelMeta, save_fp
 
-    monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
                                 num_layers=1, sample_size=32, patch_size=8, num_embeds_ada_norm=10).eval()
     dit.dq_meta = ModelMeta(name="tiny32")
-    save_fp(dit, scheduler, tmp_path / "fp")
+    save_fp(dit, scheduler, path)
+
+
+def test_quantize_then_eval_end_to_end(tmp_path, monkeypatch, scheduler):
+    """The CLI contract: quantize writes a folder usable as MODEL; eval writes every metric."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    _save_tiny32(tmp_path / "fp", scheduler)
     run = CliRunner().invoke
     res = run(main, ["quantize", "fp", "--recipe", "w4a8", "--out", "q", "--calib-n", "4", "--steps", "2"])
     assert res.exit_code == 0, res.output
@@ -110,17 +115,8 @@ def test_sensitivity_writes_recipes_that_quantize_applies(tmp_path, monkeypatch,
     """diffquant sensitivity -> recipe file at the target bits -> diffquant quantize --recipe FILE."""
     import json
 
-    import torch
-    from diffusers import DiTTransformer2DModel
-
-    from diffquant.models import ModelMeta, save_fp
-
     monkeypatch.chdir(tmp_path)
-    torch.manual_seed(0)
-    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
-                                num_layers=1, sample_size=32, patch_size=8, num_embeds_ada_norm=10).eval()
-    dit.dq_meta = ModelMeta(name="tiny32")
-    save_fp(dit, scheduler, tmp_path / "fp")
+    _save_tiny32(tmp_path / "fp", scheduler)
     run = CliRunner().invoke
     res = run(main, ["sensitivity", "fp", "--target-bits", "3.2", "--act-bits", "6", "--out", "mp", "--configs", "10",
                      "-n", "6", "--folds", "2", "--epochs", "3", "--cache", "cache"])

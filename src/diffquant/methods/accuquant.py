@@ -344,22 +344,27 @@ def _probe_loss(student, scheduler, unit: str, cfg: ReconConfig, traj: Trajector
     the reconstruction loss is divided by."""
     if cfg.objective == "perstep":
         return float(_perstep_loss(student, unit, pool, torch.arange(min(64, pool[2]))))
+    starts = sorted({round(i * (cfg.sample_steps - cfg.group_steps) / 3) for i in range(4)})
+    losses = [_group_loss(student, scheduler, cfg, traj, s, guidance, null_class) for s in starts]
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def _group_loss(student, scheduler, cfg: ReconConfig, traj: Trajectories, s: int, guidance: float,
+                null_class: int) -> float:
+    """The end-of-group loss from start step `s` on a fixed probe of trajectories."""
     m, n = cfg.group_steps, min(cfg.trajectories, 2 * cfg.batch_size)
-    starts = sorted({round(i * (cfg.sample_steps - m) / 3) for i in range(4)})
-    losses = [_sq_err([_ddim_chain(student, scheduler, traj.x[s][:n], traj.labels[:n], traj.timesteps[s:s + m],
-                                   guidance, null_class)[-1]], [traj.x[s + m][:n]]) for s in starts]
-    return float(sum(losses) / len(losses))
+    x = _ddim_chain(student, scheduler, traj.x[s][:n], traj.labels[:n], traj.timesteps[s:s + m], guidance,
+                    null_class)[-1]
+    return float(_sq_err([x], [traj.x[s + m][:n]]))
 
 
 @torch.no_grad()
 def _start_losses(student, scheduler, cfg: ReconConfig, traj: Trajectories, guidance: float,
                   null_class: int) -> list[float]:
     """The end-of-group loss from every start step, before the unit learns (balance_starts)."""
-    m, n = cfg.group_steps, min(cfg.trajectories, 2 * cfg.batch_size)
-    return [max(float(_sq_err([_ddim_chain(student, scheduler, traj.x[s][:n], traj.labels[:n],
-                                           traj.timesteps[s:s + m], guidance, null_class)[-1]],
-                              [traj.x[s + m][:n]])), 1e-12)
-            for s in range(cfg.sample_steps - m + 1)]
+    return [max(_group_loss(student, scheduler, cfg, traj, s, guidance, null_class), 1e-12)
+            for s in range(cfg.sample_steps - cfg.group_steps + 1)]
 
 
 def reconstruct(student: nn.Module, teacher: nn.Module, scheduler, cfg: ReconConfig, progress: bool = True,
