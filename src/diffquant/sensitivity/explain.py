@@ -23,11 +23,16 @@ from diffquant.sensitivity.predictor import GNNPredictor, node_features
 from diffquant.sensitivity.space import Option, SearchSpace
 
 
+def _fold_weights(weights: list[float]) -> np.ndarray:
+    """Held-out Spearman per fold model as ensemble weights: negatives count 0; all 0 -> equal."""
+    w = np.clip(np.nan_to_num(np.asarray(weights, dtype=np.float64)), 0, None)
+    return w / w.sum() if w.sum() > 0 else np.full(len(w), 1 / len(w))
+
+
 @torch.no_grad()
 def ensemble_predict(models: list[GNNPredictor], weights: list[float], x: torch.Tensor, adj: torch.Tensor,
                      batch: int = 64) -> np.ndarray:
-    w = np.clip(np.asarray(weights, dtype=np.float64), 0, None)
-    w = w / w.sum() if w.sum() > 0 else np.full(len(models), 1 / len(models))
+    w = _fold_weights(weights)
     out = np.zeros(len(x))
     for m, wi in zip(models, w, strict=True):
         out += wi * np.concatenate([m(x[i:i + batch], adj).numpy() for i in range(0, len(x), batch)])
@@ -50,8 +55,7 @@ def unit_scores(space: SearchSpace, graph: ModelGraph, models: list[GNNPredictor
         vals = np.asarray([v for d in raw.values() for v in d.values()])
         mu, sd = vals.mean(), max(vals.std(), 1e-12)
         per_model.append({u: {k: (v - mu) / sd for k, v in d.items()} for u, d in raw.items()})
-    w = np.clip(np.asarray(weights, dtype=np.float64), 0, None)
-    w = w / w.sum() if w.sum() > 0 else np.full(len(models), 1 / len(models))
+    w = _fold_weights(weights)
     return {u: {o.key: float(sum(wi * pm[u][o.key] for wi, pm in zip(w, per_model, strict=True)))
                 for o in space.options} for u in space.units}
 
