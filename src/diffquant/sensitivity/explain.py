@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from diffquant.sensitivity.graph import ModelGraph
 from diffquant.sensitivity.predictor import GNNPredictor, node_features
@@ -41,11 +42,11 @@ def ensemble_predict(models: list[GNNPredictor], weights: list[float], x: torch.
 
 @torch.no_grad()
 def unit_scores(space: SearchSpace, graph: ModelGraph, models: list[GNNPredictor], weights: list[float],
-                configs: list[dict[str, Option]]) -> dict[str, dict[str, float]]:
+                configs: list[dict[str, Option]], progress: bool = False) -> dict[str, dict[str, float]]:
     """unit -> option key -> score (standardised partial dependence; lower is better)."""
     adj = graph.adjacency()
     per_model = []
-    for m in models:
+    for m in tqdm(models, desc="unit scores (per fold model)", disable=not progress):
         raw = {}
         for u in space.units:
             raw[u] = {}

@@ -81,9 +81,10 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
     rand = [c for c in configs if config_key(c) in by_key]
     y = target_of([by_key[config_key(c)] for c in rand], settings.target)
     graph = extract_graph(model, torch.randn(1, *latent_shape(model)), torch.tensor([500]), torch.tensor([0]))
-    cv = cross_validate(space, graph, rand, y, k=settings.folds, cfg=TrainConfig(epochs=settings.epochs))
+    cv = cross_validate(space, graph, rand, y, k=settings.folds, cfg=TrainConfig(epochs=settings.epochs),
+                        progress=progress)
     weights = [f["spearman"] for f in cv["gnn"]]
-    scores = unit_scores(space, graph, cv["models"], weights, rand[:settings.explain_configs])
+    scores = unit_scores(space, graph, cv["models"], weights, rand[:settings.explain_configs], progress=progress)
     sens = sensitivity(space, scores)
     act = ActSpec(act_bits, "dynamic") if act_bits else None
     recipes: dict = {}

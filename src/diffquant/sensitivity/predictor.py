@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy.stats import spearmanr
+from tqdm import tqdm
 
 from diffquant.sensitivity.graph import OP_KINDS, ModelGraph
 from diffquant.sensitivity.space import METHODS, Option, SearchSpace
@@ -184,7 +185,7 @@ def target_of(labels: list[dict], key: str = "fid_to_fp") -> np.ndarray:
 
 
 def cross_validate(space: SearchSpace, graph: ModelGraph, configs: list[dict[str, Option]], y: np.ndarray,
-                   k: int = 5, cfg: TrainConfig = TrainConfig(), seed: int = 0) -> dict:
+                   k: int = 5, cfg: TrainConfig = TrainConfig(), seed: int = 0, progress: bool = False) -> dict:
     """Held-out Spearman and NDCG@10 per fold for the GNN, gradient-boosted trees on flat features
     and the summed per-layer error; the GNN of every fold is returned for the explanations."""
     from sklearn.ensemble import HistGradientBoostingRegressor
@@ -195,7 +196,7 @@ def cross_validate(space: SearchSpace, graph: ModelGraph, configs: list[dict[str
     summed = summed_error(space, configs)
     yt = torch.tensor(y, dtype=torch.float32)
     out: dict = {"gnn": [], "trees": [], "summed_error": [], "models": [], "heldout": np.zeros(len(y))}
-    for f, test in enumerate(folds(len(y), k, seed)):
+    for f, test in enumerate(tqdm(folds(len(y), k, seed), desc="predictor folds", disable=not progress)):
         train = np.setdiff1d(np.arange(len(y)), test)
         gnn = train_gnn(x[train], yt[train], adj, TrainConfig(**{**cfg.__dict__, "seed": cfg.seed + f}))
         with torch.no_grad():
