@@ -158,12 +158,13 @@ SEMI_PV = PVConfig()
 RECON_SETTINGS = ((4, 8), (3, 8), (3, 6))
 
 
-def _recon(name: str, wbits: int, abits: int, objective: str, m: int = 4, balance: bool = False) -> QuantConfig:
+def _recon(name: str, wbits: int, abits: int, objective: str, m: int = 4, balance: bool = False,
+           refine: bool = False) -> QuantConfig:
     """Q-Diffusion's baseline (`perstep`) or AccuQuant (`accuquant`, groups of M DDIM steps, O(1)
     memory): the same RTN grid (per-channel Lp-clipped) and 8-bit first / last layer, split skip
     activations, then reconstruction of AdaRound roundings and LSQ activation ranges, unit by unit;
     the two differ only in the objective."""
-    recon = ReconConfig(objective=objective, group_steps=m, balance_starts=balance)
+    recon = ReconConfig(objective=objective, group_steps=m, balance_starts=balance, from_perstep=refine)
     return QuantConfig(name=name, weight=WeightConfig("uniform", wbits, clip="lp"), act=ActSpec(abits, "static"),
                        layers=dict(IO_8BIT), recon=recon, split_skips=True)
 
@@ -207,6 +208,8 @@ RECIPES: dict[str, QuantConfig] = {
         *[_recon(f"w{w}a{a}-{obj}", w, a, obj) for w, a in RECON_SETTINGS for obj in ("perstep", "accuquant")],
         *[_recon(f"w{w}a{a}-accuquant-m{m}", w, a, "accuquant", m) for w, a in RECON_SETTINGS for m in (2, 8)],
         *[_recon(f"w{w}a{a}-accuquant-bal", w, a, "accuquant", balance=True) for w, a in RECON_SETTINGS],
+        # AccuQuant as a refinement of the per-step solution (the per-step run, then the multi-step objective)
+        *[_recon(f"w{w}a{a}-accuquant-refine", w, a, "accuquant", refine=True) for w, a in RECON_SETTINGS],
     ]
 }
 
@@ -225,7 +228,8 @@ def describe(r: QuantConfig) -> str:
         how = f"W{w.bits} {w.method} per-channel {w.clip}"
     if r.recon is not None:
         how += (", per-step block reconstruction (AdaRound + LSQ)" if r.recon.objective == "perstep" else
-                f", AccuQuant reconstruction over {r.recon.group_steps} DDIM steps ({r.recon.grad} gradient)")
+                f", AccuQuant reconstruction over {r.recon.group_steps} DDIM steps ({r.recon.grad} gradient)"
+                + (", from the per-step solution" if r.recon.from_perstep else ""))
     act = f"A{r.act.bits} {r.act.mode}" if r.act else "A16 (fp activations)"
     if r.split_skips and r.act:
         act += ", split skip concatenations"

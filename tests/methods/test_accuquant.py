@@ -160,3 +160,39 @@ def test_balanced_starts_weigh_every_start_by_its_own_rtn_loss(tiny_unet, schedu
     assert _state_file(tmp_path, cfg, "m") != _state_file(tmp_path, plain, "m")  # never resumed from the other
     log = reconstruct(q, tiny_unet, scheduler, cfg, progress=False)
     assert all(u["loss_after"] > 0 for u in log["units"].values())
+
+
+def test_rounding_can_start_from_the_stored_codes(tiny_unet, scheduler):
+    """from_codes: the soft rounding starts at the layer's current codes (not nearest rounding), so
+    finishing untrained gives those codes back, flips included."""
+    q = _rtn(tiny_unet, scheduler)
+    layers = unit_layers(q)["up_blocks.0"]
+    name, mod = next((n, m) for n, m in layers.items() if m.qweight.codes.numel() > 64)
+    qw = mod.qweight
+    gen = torch.Generator().manual_seed(0)
+    out, groups = qw.scale.shape
+    w = tiny_unet.get_submodule(name).weight.detach().reshape(out, groups, -1) / qw.scale.float()[..., None]
+    pick = (torch.rand(w.shape, generator=gen) < 0.5).float()  # floor or ceil at random, not the nearest
+    levels = (1 << qw.spec.bits) - 1
+    codes = (torch.floor(w) + pick + qw.zero.float()[..., None]).clamp(0, levels).reshape(qw.codes.shape)
+    codes = codes.to(qw.codes.dtype)
+    mod.set_qweight(type(qw)(codes, qw.scale, qw.zero, qw.shape, qw.spec))
+    tr = Trainable({name: mod}, tiny_unet, from_codes=True)
+    tr.finish()
+    assert torch.equal(mod.qweight.codes, codes)
+    tr = Trainable({name: mod}, tiny_unet)  # the default starts from nearest rounding again
+    tr.finish()
+    assert not torch.equal(mod.qweight.codes, codes)
+
+
+@pytest.mark.slow
+def test_refinement_runs_the_perstep_calibration_first(tiny_unet, scheduler, tmp_path):
+    from diffquant.methods.accuquant import _state_file
+
+    q = _rtn(tiny_unet, scheduler)
+    cfg = ReconConfig(objective="accuquant", group_steps=2, from_perstep=True, **TINY)
+    log = reconstruct(q, tiny_unet, scheduler, cfg, progress=False, resume_dir=tmp_path, name="r")
+    assert log["perstep_first"]["config"]["objective"] == "perstep"
+    assert set(log["perstep_first"]["units"]) == set(log["units"])
+    plain = ReconConfig(objective="accuquant", group_steps=2, **TINY)
+    assert _state_file(tmp_path, cfg, "r") != _state_file(tmp_path, plain, "r")

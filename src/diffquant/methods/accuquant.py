@@ -78,6 +78,9 @@ class ReconConfig:
     # every start weighs the same (the raw end-of-group loss varies ~13x over the start step at M=4 on
     # the zoo U-Net, smallest for the noisiest starts)
     balance_starts: bool = False
+    # accuquant: first calibrate per step (the baseline's own run, same settings), then refine that
+    # solution with the multi-step objective: roundings start at the per-step ones, ranges at its ranges
+    from_perstep: bool = False
     guidance: float | None = None  # the model's own by default
     seed: int = RECON_SEED
 
@@ -303,6 +306,7 @@ def _state_file(resume_dir: str | Path | None, cfg: ReconConfig, name: str) -> P
         return None
     key = f"{cfg.objective}-M{cfg.group_steps}-{cfg.grad}" if cfg.objective == "accuquant" else "perstep"
     key += "-bal" if cfg.objective == "accuquant" and cfg.balance_starts else ""
+    key += "-refine" if cfg.objective == "accuquant" and cfg.from_perstep else ""
     return Path(resume_dir) / f"recon-{name}-{key}.pt"
 
 
@@ -376,6 +380,11 @@ def reconstruct(student: nn.Module, teacher: nn.Module, scheduler, cfg: ReconCon
     units = unit_layers(student)
     if not units:
         raise ValueError("reconstruct needs a quantized model (diffquant.quantize_ first)")
+    first = None
+    if cfg.objective == "accuquant" and cfg.from_perstep:  # the per-step recipe's own calibration first
+        base = ReconConfig(**{**asdict(cfg), "objective": "perstep", "from_perstep": False, "balance_starts": False,
+                              "group_steps": ReconConfig.group_steps})
+        first = reconstruct(student, teacher, scheduler, base, progress, resume_dir, name)
     meta = meta_of(teacher)
     guidance = meta.guidance_scale if cfg.guidance is None else cfg.guidance
     traj = fp_trajectories(teacher, scheduler, cfg)
@@ -411,6 +420,8 @@ def reconstruct(student: nn.Module, teacher: nn.Module, scheduler, cfg: ReconCon
                     torch.save({"cfg": asdict(cfg), "done": done, "log": log, "snap": _snapshot(student)}, tmp)
     log["seconds"] = round(time.time() - t_start, 1)
     log["blocks"] = list(blocks(student))
+    if first is not None:
+        log["perstep_first"] = first
     return log
 
 
@@ -423,7 +434,7 @@ def _calibrate_unit(student, teacher, scheduler, cfg: ReconConfig, unit: str, la
     loss0 = max(_probe_loss(student, scheduler, unit, cfg, traj, pool, guidance, null_class), 1e-12)
     per_start = _start_losses(student, scheduler, cfg, traj, guidance, null_class) \
         if cfg.objective == "accuquant" and cfg.balance_starts else None
-    tr = Trainable(layers, teacher)
+    tr = Trainable(layers, teacher, from_codes=cfg.objective == "accuquant" and cfg.from_perstep)
     groups = [{"params": tr.weight_params, "lr": cfg.lr}]
     if tr.act_params:
         groups.append({"params": tr.act_params, "lr": cfg.lr_act})

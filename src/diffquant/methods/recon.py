@@ -6,7 +6,8 @@ objective:
 
 - **Uniform weights: AdaRound.** Each weight is floor(w / s) + h(V) on its fixed grid (scale s and
   zero point of the round-to-nearest quantizer), h the rectified sigmoid; V starts where h equals
-  the fractional part (the soft weight starts at w), a regulariser sum(1 - |2h - 1|^beta) with beta
+  the fractional part (the soft weight starts at w; or, with `from_codes`, at the layer's current
+  rounding, so that a second objective refines a first one's solution), a regulariser sum(1 - |2h - 1|^beta) with beta
   annealed 20 -> 2 pushes every h to 0 or 1, and `finish()` stores the hard rounding as the layer's
   integer codes: the saved checkpoint holds real low-bit weights.
 - **Additive (AQ) weights:** the codebooks and the per-output scales (codes fixed).
@@ -75,7 +76,7 @@ def skip_splits(model: nn.Module) -> dict[str, int]:
 class _AdaRound:
     """A uniform layer's trainable rounding: soft weight s * (clamp(floor(w/s) + h(V) + z) - z)."""
 
-    def __init__(self, mod: QuantLayer, fp_weight: torch.Tensor):
+    def __init__(self, mod: QuantLayer, fp_weight: torch.Tensor, from_codes: bool = False):
         qw: UniformWeight = mod.qweight
         self.mod, self.qw = mod, qw
         out, groups = qw.scale.shape
@@ -85,6 +86,9 @@ class _AdaRound:
         self.levels = (1 << qw.spec.bits) - 1
         self.floor = torch.floor(w / self.s)
         rest = (w / self.s - self.floor).clamp(0.01, 0.99)
+        if from_codes:  # h starts at the stored rounding (0.01 / 0.99: V = -/+2.3, Adam can still flip it)
+            offset = qw.codes.float().reshape(out, groups, -1) - self.z - self.floor
+            rest = torch.where(offset >= 0.5, 0.99, 0.01)
         self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
 
     def h(self) -> torch.Tensor:
@@ -134,11 +138,12 @@ class Trainable:
     """Everything one unit learns. `refresh()` before each forward puts the soft weights in place;
     `finish()` writes hard codes and learned ranges back into the layers."""
 
-    def __init__(self, layers: dict[str, QuantLayer], fp_model: nn.Module, learn_acts: bool = True):
+    def __init__(self, layers: dict[str, QuantLayer], fp_model: nn.Module, learn_acts: bool = True,
+                 from_codes: bool = False):
         self.weights: list[_AdaRound | _AQContinuous] = []
         for name, mod in layers.items():
             if isinstance(mod.qweight, UniformWeight):
-                self.weights.append(_AdaRound(mod, fp_model.get_submodule(name).weight))
+                self.weights.append(_AdaRound(mod, fp_model.get_submodule(name).weight, from_codes))
             elif isinstance(mod.qweight, AdditiveWeight):
                 self.weights.append(_AQContinuous(mod))
         self.acts = [m.act for m in layers.values()
