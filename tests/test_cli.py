@@ -125,6 +125,8 @@ def test_sensitivity_writes_recipes_that_quantize_applies(tmp_path, monkeypatch,
     rec = doc["recipes"]["fp-mp3.2a6"]
     assert set(doc["recipes"]) == {"fp-mp3.2", "fp-mp3.2a6"}
     assert rec["effective_bits"] <= 3.2
+    measured = {k: c["fid_to_fp"] for k, c in rec["candidates"].items()}
+    assert "lagrangian" in measured and measured[rec["search"]] == min(measured.values())  # the label decides
     for png in ("sensitivity-by-role.png", "sensitivity-by-block.png", "pareto.png"):
         assert (tmp_path / "mp" / png).exists()
     res = run(main, ["quantize", "fp", "--recipe", f"mp/{rec['file']}", "--out", "q", "--calib-n", "4", "--steps", "2"])

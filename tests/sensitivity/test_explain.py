@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from diffquant.pipelines import latent_shape
-from diffquant.sensitivity.explain import recipe_for_bits, sensitivity, unit_scores
+from diffquant.sensitivity.explain import descend, recipe_for_bits, sensitivity, unit_scores
 from diffquant.sensitivity.graph import extract_graph
 from diffquant.sensitivity.predictor import TrainConfig, node_features, train_gnn
 from diffquant.sensitivity.sample import random_configs
@@ -39,3 +39,21 @@ def test_target_below_the_space_is_rejected(tiny_dit):
         recipe_for_bits(space, scores, 1.0)
     config, info = recipe_for_bits(space, scores, 3.0)
     assert info["effective_bits"] <= 3.0
+
+
+def test_descent_spares_the_costly_unit_and_stops_at_the_target(tiny_dit):
+    """A cost that only the sensitive unit's width moves: the descent lowers every other unit first,
+    stays within the target, and keeps the base method everywhere."""
+    space = SearchSpace(tiny_dit, all_options(bits=(2, 3, 4), methods=("uaq", "kmeans-a"))).build(progress=False)
+    base = next(o for o in space.options if o.key == "kmeans-a-4")
+
+    def cost(configs):
+        return np.asarray([100.0 * (4 - c[SENSITIVE].bits) + sum(4 - o.bits for o in c.values()) for c in configs])
+
+    config = descend(space, base, 3.0, cost)
+    assert space.effective_bits(config) <= 3.0
+    assert config[SENSITIVE].bits == 4
+    assert {o.method for o in config.values()} == {"kmeans-a"}
+    assert descend(space, base, 4.5, cost) == {u: base for u in space.units}  # already within the target
+    with pytest.raises(ValueError, match="below every configuration"):
+        descend(space, base, 1.0, cost)

@@ -19,9 +19,9 @@ from diffquant.io_utils import write_json
 from diffquant.nn.act import ActSpec
 from diffquant.pipelines import latent_shape
 from diffquant.provenance import provenance
-from diffquant.sensitivity.explain import recipe_for_bits, sensitivity, unit_scores
+from diffquant.sensitivity.explain import descend, ensemble_predict, recipe_for_bits, sensitivity, unit_scores
 from diffquant.sensitivity.graph import extract_graph
-from diffquant.sensitivity.predictor import TrainConfig, cross_validate, target_of
+from diffquant.sensitivity.predictor import TrainConfig, cross_validate, node_features, summed_error, target_of
 from diffquant.sensitivity.sample import (
     LabelConfig,
     config_key,
@@ -90,8 +90,32 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
     recipes: dict = {}
     out.mkdir(parents=True, exist_ok=True)
     acts = [(None, "")] + ([(act, f"a{act_bits}")] if act else [])  # weight-only, and with activations
+    uni_labels = {o.key: by_key[config_key(c)] for o, c in zip(space.options, uniform, strict=True)
+                  if config_key(c) in by_key}
+    adj = graph.adjacency()
+
+    def gnn_cost(cs):
+        return ensemble_predict(cv["models"], weights, node_features(space, graph, cs), adj)
+
+    def error_cost(cs):
+        return summed_error(space, cs)
+
     for tb in target_bits:
-        config, info = recipe_for_bits(space, scores, tb, graph, cv["models"], weights)
+        candidates = {"lagrangian": recipe_for_bits(space, scores, tb, graph, cv["models"], weights)[0]}
+        base = _descent_base(space, uni_labels, tb)
+        if base is not None:
+            candidates[f"descent-gnn-from-{base.key}"] = descend(space, base, tb, gnn_cost)
+            candidates[f"descent-error-from-{base.key}"] = descend(space, base, tb, error_cost)
+        got = label_parallel(model_name, cache / "space", list(candidates.values()), label_dir,
+                             LabelConfig(n=settings.n), workers=settings.workers)
+        measured = {g["key"]: g for g in got}
+        pred = gnn_cost(list(candidates.values()))
+        tried = {k: {"predicted": float(pv), **_brief(measured[config_key(c)])}
+                 for (k, c), pv in zip(candidates.items(), pred, strict=True)}
+        how = min(tried, key=lambda k: tried[k]["fid_to_fp"])  # the label decides
+        config = candidates[how]
+        info = {"search": how, "effective_bits": space.effective_bits(config), "candidates": tried,
+                "label": {k: tried[how][k] for k in ("key", "bits", "fid_to_fp", "mse_to_fp")}}
         for spec, tag in acts:
             name = f"{model_name}-mp{tb:g}{tag}"
             space.to_recipe(config, name, act=spec).to_json(out / f"{name}.json")
@@ -112,6 +136,20 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
     write_json(out / "sensitivity.json", doc)
     plot(doc, out)
     return doc
+
+
+def _descent_base(space: SearchSpace, uniform_labels: dict[str, dict], target_bits: float) -> Option | None:
+    """Where the descent starts: the best-labelled uniform configuration at the highest width that is
+    above the target and can reach it (its method's lowest width is within it); None if none is."""
+    top, low = max(o.bits for o in space.options), min(o.bits for o in space.options)
+
+    def reachable(o: Option) -> bool:
+        lowest = next(p for p in space.options if p.method == o.method and p.bits == low)
+        return space.effective_bits({u: lowest for u in space.units}) <= target_bits
+
+    above = [o for o in space.options if o.bits == top and o.key in uniform_labels
+             and uniform_labels[o.key]["bits"] > target_bits and reachable(o)]
+    return min(above, key=lambda o: uniform_labels[o.key]["fid_to_fp"]) if above else None
 
 
 def _brief(label: dict) -> dict:
