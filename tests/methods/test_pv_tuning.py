@@ -32,10 +32,10 @@ def test_pv_tuning_lowers_the_distillation_loss_and_caps_code_changes(tiny_unet,
     student = _student(tiny_unet, scheduler)
     before = _codes(student)
     cfg = PVConfig(steps=30, trajectories=8, batch_size=8, sample_steps=3, v_every=5, v_fraction=0.05,
-                   lr=2e-3, semi=semi, mode=mode)
+                   lr=2e-3, semi=semi, mode=mode, check_every=0)  # the last state, to see the mechanics
     log = pv_tune(student, tiny_unet, scheduler, cfg, progress=False)
     assert log["loss_last"] < log["loss_first"]
-    assert log["codes_changed"] > 0
+    assert log["code_moves"] == sum(log["v_changes"]) > 0
     after = _codes(student)
     for name, c in before.items():  # each V step moves at most v_fraction of a layer's groups per codebook
         changed = (after[name] != c).any(-1).float().mean()
@@ -79,3 +79,23 @@ def test_interrupted_tuning_resumes_to_the_same_result(tiny_unet, scheduler, tmp
     assert not state.exists()
     for (n, a), (_, b) in zip(_codes(whole).items(), _codes(resumed).items(), strict=True):
         assert torch.equal(a, b), n
+
+
+def test_tuning_returns_its_best_held_out_state_never_a_worse_one(tiny_unet, scheduler):
+    """A destructive learning rate: the held-out score rises, and the model given back is the best
+    one scored (here the starting one), not the last."""
+    student = _student(tiny_unet, scheduler)
+    start = copy.deepcopy(student)
+    cfg = PVConfig(steps=10, trajectories=4, batch_size=4, sample_steps=3, v_every=0, lr=0.5, check_every=5,
+                   check_trajectories=2)
+    log = pv_tune(student, tiny_unet, scheduler, cfg, progress=False)
+    scores = dict(log["check"])
+    assert set(scores) == {0, 5, 10} and log["best_step"] == min(scores, key=scores.get)
+    assert scores[log["best_step"]] <= scores[0]
+    if log["best_step"] == 0:
+        x = torch.randn(2, 4, 8, 8)
+        t = torch.full((2,), 500)
+        with torch.no_grad():
+            torch.testing.assert_close(student(x, t, class_labels=torch.arange(2)).sample,
+                                       start(x, t, class_labels=torch.arange(2)).sample)
+    assert log["codes_changed"] == 0  # no V step ran

@@ -1,0 +1,101 @@
+"""Reconstruction hyper-parameters, side by side in one run: learning rate, rounding-regulariser
+weight and iterations for one recipe's calibration (default: the per-step baseline at W3A6), scored
+by the PSNR of 128 final samples against the FP model's from the same noise (a cheap, paired score;
+`quality.py` gives the full metrics). This is the sweep behind `ReconConfig`'s defaults.
+
+    python benchmarks/recon_sweep.py --model mnist-unet --recipe w3a6-perstep
+
+Each finished variant is kept in the JSON at once; a rerun skips the variants already there for the
+same model, recipe and commit-independent settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+# (label, ReconConfig overrides): the learning rate at the default iterations, the regulariser weight
+# at the chosen learning rate, and 4x the iterations at a smaller learning rate
+VARIANTS = [
+    ("lr=1e-3", {"lr": 1e-3}),
+    ("lr=1e-2", {"lr": 1e-2}),
+    ("lr=3e-2", {"lr": 3e-2}),
+    ("lr=0.1", {"lr": 0.1}),
+    ("lr=0.1 reg=0.01", {"lr": 0.1, "reg": 0.01}),
+    ("lr=0.1 reg=10", {"lr": 0.1, "reg": 10.0}),
+    ("lr=3e-2 iters=640", {"lr": 3e-2, "iters": 640}),
+]
+
+
+def _psnr(model, fp_images: torch.Tensor, scheduler, labels, seed: int) -> dict:
+    from diffquant.pipelines import sample
+
+    x = sample(model, scheduler, labels, seed=seed).float()
+    mse = float(((x - fp_images) ** 2).mean())
+    rng = float(fp_images.max() - fp_images.min())
+    return {"psnr": round(10 * float(torch.log10(torch.tensor(rng ** 2 / mse))), 3), "mse": mse}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="mnist-unet")
+    ap.add_argument("--recipe", default="w3a6-perstep")
+    ap.add_argument("-n", type=int, default=128, help="final samples scored against FP")
+    ap.add_argument("--only", default=None, help="comma-separated variant labels (default: all)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    import diffquant as dq
+    from diffquant.config import get_recipe
+    from diffquant.io_utils import write_json
+    from diffquant.methods.accuquant import ReconConfig
+    from diffquant.pipelines import balanced_labels, sample
+    from diffquant.provenance import provenance
+
+    torch.set_num_threads(1)
+    out = args.json or RESULTS / f"recon-sweep-{args.model}-{args.recipe}.json"
+    base = get_recipe(args.recipe)
+    if base.recon is None:
+        raise SystemExit(f"{args.recipe} has no reconstruction to sweep; pick a *-perstep or *-accuquant recipe")
+    variants = [v for v in VARIANTS if args.only is None or v[0] in args.only.split(",")]
+    doc = json.loads(out.read_text()) if out.exists() else {"rows": {}}
+    t0 = time.time()
+    model, scheduler = dq.load(args.model)[:2]
+    calib = dq.collect(model, scheduler, n=64, steps=20, progress=False)
+    labels, seed = balanced_labels(args.n), 777
+    fp_images = sample(model, scheduler, labels, seed=seed).float()
+    rows = doc["rows"]
+    if "rtn" not in rows:
+        q = dq.quantize_(copy.deepcopy(model), dataclasses.replace(base, recon=None), calib=calib, scheduler=scheduler)
+        rows["rtn"] = {"settings": None, **_psnr(q, fp_images, scheduler, labels, seed), "seconds": 0.0}
+    for label, over in variants:
+        settings = dataclasses.asdict(ReconConfig(**{**dataclasses.asdict(base.recon), **over}))
+        if label in rows and rows[label]["settings"] == settings:
+            continue
+        t = time.time()
+        cfg = dataclasses.replace(base, recon=ReconConfig(**settings))
+        q = dq.quantize_(copy.deepcopy(model), cfg, calib=calib, scheduler=scheduler, progress=False)
+        units = q.dq_recon_log["units"]
+        rows[label] = {"settings": settings, **_psnr(q, fp_images, scheduler, labels, seed),
+                       "seconds": round(time.time() - t, 1),
+                       "loss_after_over_rtn": {u: round(v["loss_after"] / v["loss_rtn"], 4) for u, v in units.items()}}
+        print(f"{label}: PSNR {rows[label]['psnr']} dB ({rows[label]['seconds']} s)", flush=True)
+        doc.update({"benchmark": "recon_sweep", "model": args.model, "recipe": args.recipe, "n": args.n,
+                    "sample_seed": seed, "rows": rows, **provenance()})
+        write_json(out, doc)  # after every variant: an interrupted sweep keeps what it finished
+    doc.update({"benchmark": "recon_sweep", "model": args.model, "recipe": args.recipe, "n": args.n,
+                "sample_seed": seed, "rows": rows, "wall_time_s": round(time.time() - t0, 1), **provenance()})
+    write_json(out, doc)
+    print({k: v["psnr"] for k, v in rows.items()})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
