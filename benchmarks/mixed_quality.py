@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
     names = [*mixed, *uniform, *sorted(set(randoms.values()))]
     names += [n + tag for n in names]
-    methods = ["fp"] + [str(sens_dir / f"{n}.json") for n in names]
+    rel = sens_dir.relative_to(Path.cwd()) if sens_dir.is_relative_to(Path.cwd()) else sens_dir
+    methods = ["fp"] + [str(rel / f"{n}.json") for n in names]  # the row names carry no machine's paths
     n = args.n or SIZES[args.size]
     size = args.size if args.n is None else f"n{n}"
     t0 = time.time()
