@@ -51,12 +51,14 @@ def accuquant_ratios(file: str, model: str) -> str:
            "|---|---|---|---|---|---|---|"]
     for setting in ("w4a8", "w3a8", "w3a6"):
         base = rows.get(f"{setting}-perstep")
-        for suffix in ("", "-perstep", "-accuquant-m2", "-accuquant", "-accuquant-m8", "-accuquant-bal"):
+        for suffix in ("", "-perstep", "-accuquant-m2", "-accuquant", "-accuquant-m8", "-accuquant-bal",
+                       "-accuquant-refine"):
             r = rows.get(setting + suffix)
             if r is None:
                 continue
             ratio = f"{r['fid_to_fp'] / base['fid_to_fp']:.2f}x" if base else "-"
-            name = {"": "RTN", "-perstep": "per-step (Q-Diffusion)", "-accuquant": "AccuQuant M=4"}.get(
+            name = {"": "RTN", "-perstep": "per-step (Q-Diffusion)", "-accuquant": "AccuQuant M=4",
+                    "-accuquant-refine": "AccuQuant M=4 from the per-step solution"}.get(
                 suffix, "AccuQuant " + suffix.split("-")[-1].replace("m", "M=").replace("bal", "M=4, balanced"))
             out.append(f"| {setting.upper()} | {name} | {r['fid_to_fp']:.3f} | {ratio} | {r['class_accuracy']:.3f} | "
                        f"{r['psnr']:.2f} | {r['ssim']:.3f} |")

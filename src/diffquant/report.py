@@ -152,7 +152,9 @@ def _sensitivity_section(res: Path, doc: dict) -> str:
     recs = []
     for k, v in doc["recipes"].items():
         label = {f"label_{a}": b for a, b in v.get("label", {}).items() if a != "key"}
-        recs.append({"recipe": k, "effective_bits": v["effective_bits"], **label})
+        recs.append({"recipe": k, "effective_bits": v["effective_bits"], "search": v.get("search", "-"), **label})
+    cands = [{"recipe": k, "candidate": c, **{a: b for a, b in lab.items() if a != "key"}}
+             for k, v in doc["recipes"].items() for c, lab in v.get("candidates", {}).items()]
     uni = [{"uniform": k, **{a: b for a, b in v.items() if a != "key"}} for k, v in doc.get("uniform", {}).items()]
     plots = res.parent / doc.get("plots_dir", "")
     imgs = "".join(_img_tag((plots / p).read_bytes(), p, 520) for p in
@@ -166,6 +168,8 @@ def _sensitivity_section(res: Path, doc: dict) -> str:
             + _rows_table(preds, ["predictor", "spearman", "ndcg10"])
             + (f"<p>label check: {html.escape(json.dumps(check))}</p>" if check else "")
             + "<h3>recipes</h3>" + _rows_table(recs, list(recs[0]) if recs else [])
+            + ("<h3>candidates at each target (predicted by the GNN ensemble, measured by the label; the "
+               "lowest measured is the recipe)</h3>" + _rows_table(cands, list(cands[0])) if cands else "")
             + "<h3>uniform configurations</h3>" + _rows_table(uni, list(uni[0]) if uni else [])
             + f"<div class='grids'>{imgs}</div>")
 
