@@ -15,7 +15,7 @@ by the ensemble's prediction of the whole configuration.
 Partial dependence averages over random configurations, most of them far from the good ones (a
 random unit is UAQ a third of the time), and the Lagrangian recipe inherits that: on the zoo U-Net
 it mixed UAQ-4 and 2-bit k-means and measured worse at 3.9 bits than at 3.4. `descend` therefore
-also walks down from the best uniform configuration, one width of one unit at a time, taking the
+also walks down from each uniform configuration at the highest width, one width of one unit at a time, taking the
 step a cost function (the ensemble, or the summed per-layer error) says is cheapest per bit saved.
 The pipeline labels every candidate and keeps the best measured one: the predictor proposes, the
 label decides.

@@ -102,8 +102,7 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
 
     for tb in target_bits:
         candidates = {"lagrangian": recipe_for_bits(space, scores, tb, graph, cv["models"], weights)[0]}
-        base = _descent_base(space, uni_labels, tb)
-        if base is not None:
+        for base in _descent_bases(space, uni_labels, tb):
             candidates[f"descent-gnn-from-{base.key}"] = descend(space, base, tb, gnn_cost)
             candidates[f"descent-error-from-{base.key}"] = descend(space, base, tb, error_cost)
         got = label_parallel(model_name, cache / "space", list(candidates.values()), label_dir,
@@ -138,18 +137,17 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
     return doc
 
 
-def _descent_base(space: SearchSpace, uniform_labels: dict[str, dict], target_bits: float) -> Option | None:
-    """Where the descent starts: the best-labelled uniform configuration at the highest width that is
-    above the target and can reach it (its method's lowest width is within it); None if none is."""
+def _descent_bases(space: SearchSpace, uniform_labels: dict[str, dict], target_bits: float) -> list[Option]:
+    """Where descents start: every labelled uniform configuration at the highest width that is above
+    the target and can reach it (its method's lowest width is within it)."""
     top, low = max(o.bits for o in space.options), min(o.bits for o in space.options)
 
     def reachable(o: Option) -> bool:
         lowest = next(p for p in space.options if p.method == o.method and p.bits == low)
         return space.effective_bits({u: lowest for u in space.units}) <= target_bits
 
-    above = [o for o in space.options if o.bits == top and o.key in uniform_labels
-             and uniform_labels[o.key]["bits"] > target_bits and reachable(o)]
-    return min(above, key=lambda o: uniform_labels[o.key]["fid_to_fp"]) if above else None
+    return [o for o in space.options if o.bits == top and o.key in uniform_labels
+            and uniform_labels[o.key]["bits"] > target_bits and reachable(o)]
 
 
 def _brief(label: dict) -> dict:
