@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--act-bits", type=int, default=6)
     ap.add_argument("--recipes", default=None,
                     help="comma-separated mixed recipe names (default: every weight-only one)")
+    ap.add_argument("--redo", action="store_true",
+                    help="measure the mixed recipes again (after benchmarks/sensitivity.py rewrote them under the "
+                         "same names); the uniform and random rows are kept")
     ap.add_argument("--cache", type=Path, default=Path("runs/cache/sensitivity"))
     args = ap.parse_args(argv)
 
@@ -84,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     size = args.size if args.n is None else f"n{n}"
     t0 = time.time()
     out = RESULTS / f"quality-{size}-{args.model}-mixed.json"
+    if args.redo and out.exists():
+        old = json.loads(out.read_text())
+        stale = {m for name in mixed for m in (name, name + tag)}
+        old["rows"] = [r for r in old["rows"] if Path(r["method"]).stem not in stale]
+        write_json(out, old)
     rows = run_quality([args.model], methods, n, out, size=size)["rows"]
     by_name = {Path(r["method"]).stem: r for r in rows if r["method"] != "fp"}
 
