@@ -170,14 +170,15 @@ def _recon(name: str, wbits: int, abits: int, objective: str, m: int = 4, balanc
 
 
 def _aq(name: str, target_bits: float, abits: int | None, finetune: PVConfig | None = SEMI_PV,
-        kernel_aware: bool = True, laq: bool = True) -> QuantConfig:
+        kernel_aware: bool = True, laq: bool = True, recon: ReconConfig | None = None) -> QuantConfig:
     """AQUATIC-Diff: additive codebooks chosen per layer within `target_bits` effective bits (codebooks
     and scales counted), KAQ on k x k convolutions, Gram-weighted layer-wise search, then SeMI-PV
     distillation; the same A8 and 8-bit first / last layer as the RTN recipes, so the two differ
     only in how the weights are quantized."""
     act = ActSpec(abits, "static") if abits and abits < 16 else None
     return QuantConfig(name=name, weight=WeightConfig("aq", target_bits=target_bits, kernel_aware=kernel_aware),
-                       act=act, layers=dict(IO_8BIT), finetune=finetune, laq=laq)
+                       act=act, layers=dict(IO_8BIT), finetune=finetune, laq=laq, recon=recon,
+                       split_skips=recon is not None)
 
 
 RECIPES: dict[str, QuantConfig] = {
@@ -204,6 +205,10 @@ RECIPES: dict[str, QuantConfig] = {
         _aq("aq-w2a8-pv", 2, 8, finetune=PVConfig(semi=False)),
         _aq("aq-w2a8-flat", 2, 8, kernel_aware=False),
         _aq("aq-w2a8-nolaq", 2, 8, laq=False),
+        # reconstruction on AQ weights instead of SeMI-PV: codebooks, scales and activation ranges learned
+        # block by block against the per-step or the multi-step objective (codes fixed)
+        *[_aq(f"aq-w{b:g}a8-{obj}", b, 8, finetune=None, recon=ReconConfig(objective=obj))
+          for b in (3, 2) for obj in ("perstep", "accuquant")],
         # AccuQuant against its per-step baseline (Q-Diffusion), at W4A8, W3A8 and W3A6
         *[_recon(f"w{w}a{a}-{obj}", w, a, obj) for w, a in RECON_SETTINGS for obj in ("perstep", "accuquant")],
         *[_recon(f"w{w}a{a}-accuquant-m{m}", w, a, "accuquant", m) for w, a in RECON_SETTINGS for m in (2, 8)],
@@ -227,7 +232,8 @@ def describe(r: QuantConfig) -> str:
     else:
         how = f"W{w.bits} {w.method} per-channel {w.clip}"
     if r.recon is not None:
-        how += (", per-step block reconstruction (AdaRound + LSQ)" if r.recon.objective == "perstep" else
+        learned = "codebooks + scales + LSQ" if w.method == "aq" else "AdaRound + LSQ"
+        how += (f", per-step block reconstruction ({learned})" if r.recon.objective == "perstep" else
                 f", AccuQuant reconstruction over {r.recon.group_steps} DDIM steps ({r.recon.grad} gradient)"
                 + (", from the per-step solution" if r.recon.from_perstep else ""))
     act = f"A{r.act.bits} {r.act.mode}" if r.act else "A16 (fp activations)"

@@ -196,3 +196,29 @@ def test_refinement_runs_the_perstep_calibration_first(tiny_unet, scheduler, tmp
     assert set(log["perstep_first"]["units"]) == set(log["units"])
     plain = ReconConfig(objective="accuquant", group_steps=2, **TINY)
     assert _state_file(tmp_path, cfg, "r") != _state_file(tmp_path, plain, "r")
+
+
+@pytest.mark.parametrize("objective", ["perstep", pytest.param("accuquant", marks=pytest.mark.slow)])
+def test_reconstruction_on_aq_weights_learns_codebooks_and_keeps_codes(tiny_unet, scheduler, objective):
+    from diffquant.methods.aquatic import AQSearch
+
+    calib = dq.collect(tiny_unet, scheduler, n=4, steps=4, batch_size=4, progress=False)
+    q = dq.quantize_(copy.deepcopy(tiny_unet), dq.AQConfig(target_bits=2.0, act_bits=8), calib=calib,
+                     search=AQSearch(adam_steps=5, max_rounds=1, kmeans_iters=3))
+    aq = {n: m for n, m in dq.quantize.quantized_layers(q).items() if m.qweight.format == "additive"}
+    assert aq
+    before = {n: (m.qweight.codes.clone(), m.qweight.codebooks.clone()) for n, m in aq.items()}
+    x = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = _out(tiny_unet, x)
+        err0 = (_out(q, x) - ref).pow(2).mean()
+    iters = 40 if objective == "perstep" else 16
+    cfg = ReconConfig(objective=objective, group_steps=2, lr=5e-3, lr_codebooks=5e-3, **{**TINY, "iters": iters})
+    reconstruct(q, tiny_unet, scheduler, cfg, progress=False)
+    with torch.no_grad():
+        err1 = (_out(q, x) - ref).pow(2).mean()
+    assert err1 < err0
+    for n, m in aq.items():
+        assert torch.equal(m.qweight.codes, before[n][0])  # codes fixed: only the continuous parameters learn
+        assert m.qweight.codebooks.dtype == torch.float16  # still the stored format
+    assert any(not torch.equal(m.qweight.codebooks, before[n][1]) for n, m in aq.items())

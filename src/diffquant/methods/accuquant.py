@@ -70,6 +70,9 @@ class ReconConfig:
     # (3e-2 with 640 iterations: 25.0); the regulariser weight 0.01..10 moved it by < 0.15 dB.
     lr: float = 0.1
     lr_act: float = 1e-3  # Adam, activation ranges
+    # Adam, AQ codebooks and log-scales: they are values, not the logits of a rounding, so SeMI-PV's
+    # step size, not AdaRound's
+    lr_codebooks: float = 1e-3
     reg: float = 1.0  # AdaRound regulariser weight, relative to the unit's starting loss (see above)
     beta_start: float = 20.0
     beta_end: float = 2.0
@@ -435,7 +438,7 @@ def _calibrate_unit(student, teacher, scheduler, cfg: ReconConfig, unit: str, la
     per_start = _start_losses(student, scheduler, cfg, traj, guidance, null_class) \
         if cfg.objective == "accuquant" and cfg.balance_starts else None
     tr = Trainable(layers, teacher, from_codes=cfg.objective == "accuquant" and cfg.from_perstep)
-    groups = [{"params": tr.weight_params, "lr": cfg.lr}]
+    groups = [{"params": tr.round_params, "lr": cfg.lr}, {"params": tr.aq_params, "lr": cfg.lr_codebooks}]
     if tr.act_params:
         groups.append({"params": tr.act_params, "lr": cfg.lr_act})
     opt = torch.optim.Adam(groups)

@@ -149,7 +149,9 @@ class Trainable:
         self.acts = [m.act for m in layers.values()
                      if learn_acts and m.act is not None and m.act.spec.mode == "static"]
         self.act_params = [p for a in self.acts for p in a.learnable(True)]
-        self.weight_params = [p for w in self.weights for p in w.params()]
+        self.round_params = [p for w in self.weights if isinstance(w, _AdaRound) for p in w.params()]
+        self.aq_params = [p for w in self.weights if isinstance(w, _AQContinuous) for p in w.params()]
+        self.weight_params = self.round_params + self.aq_params
 
     def refresh(self) -> None:
         for w in self.weights:
