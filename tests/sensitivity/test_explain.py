@@ -57,3 +57,5 @@ def test_descent_spares_the_costly_unit_and_stops_at_the_target(tiny_dit):
     assert descend(space, base, 4.5, cost) == {u: base for u in space.units}  # already within the target
     with pytest.raises(ValueError, match="below every configuration"):
         descend(space, base, 1.0, cost)
+    mixed = descend(space, base, 3.0, cost, any_method=True)  # may switch methods, still spares the unit
+    assert space.effective_bits(mixed) <= 3.0 and mixed[SENSITIVE].bits == 4

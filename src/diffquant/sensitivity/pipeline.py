@@ -105,6 +105,7 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
         for base in _descent_bases(space, uni_labels, tb):
             candidates[f"descent-gnn-from-{base.key}"] = descend(space, base, tb, gnn_cost)
             candidates[f"descent-error-from-{base.key}"] = descend(space, base, tb, error_cost)
+            candidates[f"descent-error-any-method-from-{base.key}"] = descend(space, base, tb, error_cost, True)
         got = label_parallel(model_name, cache / "space", list(candidates.values()), label_dir,
                              LabelConfig(n=settings.n), workers=settings.workers)
         measured = {g["key"]: g for g in got}
