@@ -22,7 +22,7 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 # (label, ReconConfig overrides): the learning rate at the default iterations, the regulariser weight
-# at the chosen learning rate, and 4x the iterations at a smaller learning rate
+# at the chosen learning rate, and more iterations
 VARIANTS = [
     ("lr=1e-3", {"lr": 1e-3}),
     ("lr=1e-2", {"lr": 1e-2}),
@@ -31,6 +31,8 @@ VARIANTS = [
     ("lr=0.1 reg=0.01", {"lr": 0.1, "reg": 0.01}),
     ("lr=0.1 reg=10", {"lr": 0.1, "reg": 10.0}),
     ("lr=3e-2 iters=640", {"lr": 3e-2, "iters": 640}),
+    # the compute control for AccuQuant's refinement of the per-step solution: as many more iterations
+    ("lr=0.1 iters=320", {"lr": 0.1, "iters": 320}),
 ]
 
 
