@@ -65,9 +65,8 @@ class ReconConfig:
     trajectories: int = 64
     sample_steps: int = 20
     # Adam on AdaRound's V and AQ codebooks / scales. 0.1, not AdaRound's 1e-3 (tuned for 20k
-    # iterations): in 160 iterations V must be able to cross the sigmoid (|V| ~ 6). Measured on the zoo
-    # U-Net, W3A6 per-step, PSNR of final samples to FP: 1e-3 23.1 dB, 1e-2 23.5, 3e-2 24.0, 0.1 24.9
-    # (3e-2 with 640 iterations: 25.0); the regulariser weight 0.01..10 moved it by < 0.15 dB.
+    # iterations): in 160 iterations V must be able to cross the sigmoid (|V| ~ 6). The sweep behind
+    # it: benchmarks/recon_sweep.py (zoo U-Net, W3A6 per-step, PSNR of 128 final samples to FP).
     lr: float = 0.1
     lr_act: float = 1e-3  # Adam, activation ranges
     # Adam, AQ codebooks and log-scales: they are values, not the logits of a rounding, so SeMI-PV's
