@@ -314,9 +314,15 @@ def pv_tune(student: nn.Module, teacher: nn.Module, scheduler, cfg: PVConfig = P
     initial = [layer.codes.clone() for layer in layers]
     log = {"loss": [], "v_changes": [], "resets_jump": 0, "check": []}
     last_t, start, best = None, 0, None
-    if check is not None:  # the starting state is a candidate too
-        best = {"step": 0, "loss": _probe_loss(student, layers, check), **_state(layers, params)}
-        log["check"].append((0, best["loss"]))
+
+    def keep_if_best(step: int) -> None:
+        """Score the current state on the held-out items; keep a copy if it is the best so far."""
+        nonlocal best
+        score = _probe_loss(student, layers, check)
+        log["check"].append((step, score))
+        if best is None or score < best["loss"]:
+            best = {"step": step, "loss": score, **_state(layers, params)}
+
     state_file = Path(state_file) if state_file else None
     if state_file is not None and state_file.exists():
         st = torch.load(state_file, weights_only=False)
@@ -327,6 +333,8 @@ def pv_tune(student: nn.Module, teacher: nn.Module, scheduler, cfg: PVConfig = P
             opt.load_state_dict(st["opt"])
             gen.set_state(st["gen"])
             log, last_t, start, best = st["log"], st["last_t"], st["step"], st["best"]
+    if check is not None and start == 0:  # the starting state is a candidate too
+        keep_if_best(0)
 
     def save_state(step: int) -> None:
         with atomic_path(state_file) as tmp:
@@ -368,20 +376,14 @@ def pv_tune(student: nn.Module, teacher: nn.Module, scheduler, cfg: PVConfig = P
             if cfg.v_every and (step + 1) % cfg.v_every == 0:
                 log["v_changes"].append(_v_step(layers, student, probe, cfg, opt))
             if check is not None and (step + 1) % cfg.check_every == 0:
-                score = _probe_loss(student, layers, check)
-                log["check"].append((step + 1, score))
-                if score < best["loss"]:
-                    best = {"step": step + 1, "loss": score, **_state(layers, params)}
+                keep_if_best(step + 1)
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{sum(log['loss'][-20:]) / len(log['loss'][-20:]):.4f}")
             if state_file is not None and (step + 1) % save_every == 0 and step + 1 < cfg.steps:
                 save_state(step + 1)
-        if best is not None:  # the best held-out state, which may be the one training started from
-            if check is not None and cfg.steps % cfg.check_every:
-                score = _probe_loss(student, layers, check)
-                log["check"].append((cfg.steps, score))
-                if score < best["loss"]:
-                    best = {"step": cfg.steps, "loss": score, **_state(layers, params)}
+        if check is not None:  # the best held-out state, which may be the one training started from
+            if cfg.steps % cfg.check_every:
+                keep_if_best(cfg.steps)
             _load_state(layers, params, best)
             log["best_step"] = best["step"]
     finally:
