@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from diffquant.io_utils import write_json
     from diffquant.provenance import provenance
-    from diffquant.sensitivity.pipeline import SensitivitySettings, label_recipes, run
+    from diffquant.sensitivity.pipeline import SensitivitySettings, run
     from diffquant.sensitivity.sample import LabelConfig, label_parallel, random_configs
     from diffquant.sensitivity.space import SearchSpace
 
@@ -53,7 +53,6 @@ def main(argv: list[str] | None = None) -> int:
                                    epochs=args.epochs)
     targets = [float(t) for t in args.target_bits.split(",")]
     doc = run(args.model, out, targets, args.act_bits, settings, cache=args.cache)
-    doc = label_recipes(doc, args.model, out, cache=args.cache)
     if args.check_configs:
         import diffquant as dq
 

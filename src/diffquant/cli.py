@@ -282,7 +282,7 @@ def sensitivity(model, target_bits, act_bits, out, configs, n, workers, folds, e
       diffquant sensitivity mnist-unet --target-bits 3.5 --act-bits 6 --out runs/unet-mp
       diffquant quantize mnist-unet --recipe runs/unet-mp/mnist-unet-mp3.5a6.json --out runs/unet-mp35
     """
-    from diffquant.sensitivity.pipeline import SensitivitySettings, label_recipes, run
+    from diffquant.sensitivity.pipeline import SensitivitySettings, run
 
     try:
         targets = [float(t) for t in target_bits.split(",")]
@@ -291,7 +291,6 @@ def sensitivity(model, target_bits, act_bits, out, configs, n, workers, folds, e
                                  param_hint="--target-bits") from None
     settings = SensitivitySettings(configs=configs, n=n, workers=workers, folds=folds, epochs=epochs)
     doc = run(model, out, targets, act_bits, settings, cache=cache)
-    doc = label_recipes(doc, model, out, cache=cache)
     rho = {k: v["mean"]["spearman"] for k, v in doc["predictors"].items()}
     click.echo(f"held-out Spearman: GNN {rho['gnn']:.3f}, trees {rho['trees']:.3f}, "
                f"summed error {rho['summed_error']:.3f}")

@@ -222,22 +222,5 @@ def plot(doc: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def label_recipes(doc: dict, model_name: str, out: Path, cache: str | Path = "runs/cache/sensitivity") -> dict:
-    """Labels the recipes' configurations like the random ones (for the Pareto plot)."""
-    from diffquant.sensitivity.sample import config_from_json
-
-    cache = Path(cache) / model_name
-    configs = [config_from_json(r["config"]) for r in doc["recipes"].values()]
-    got = label_parallel(model_name, cache / "space", configs, cache / f"labels-n{doc['settings']['n']}",
-                         LabelConfig(n=doc["settings"]["n"]))
-    by_key = {g["key"]: g for g in got}
-    for r, c in zip(doc["recipes"].values(), configs, strict=True):
-        lab = by_key[config_key(c)]
-        r["label"] = _brief(lab)
-    write_json(out / "sensitivity.json", doc)
-    plot(doc, out)
-    return doc
-
-
 def load(out: str | Path) -> dict:
     return json.loads((Path(out) / "sensitivity.json").read_text())
