@@ -115,7 +115,7 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
         how = min(tried, key=lambda k: tried[k]["fid_to_fp"])  # the label decides
         config = candidates[how]
         info = {"search": how, "effective_bits": space.effective_bits(config), "candidates": tried,
-                "label": {k: tried[how][k] for k in ("key", "bits", "fid_to_fp", "mse_to_fp")}}
+                "label": _brief(measured[config_key(config)])}
         for spec, tag in acts:
             name = f"{model_name}-mp{tb:g}{tag}"
             space.to_recipe(config, name, act=spec).to_json(out / f"{name}.json")
@@ -129,8 +129,7 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
            "predictors": {k: {"folds": cv[k], "mean": cv[f"{k}_mean"]} for k in ("gnn", "trees", "summed_error")},
            "heldout": {"pred": [float(v) for v in cv["heldout"]], "true": [float(v) for v in y]},
            "labels": [_brief(by_key[config_key(c)]) for c in rand],
-           "uniform": {o.key: _brief(by_key[config_key(c)]) for o, c in zip(space.options, uniform, strict=True)
-                       if config_key(c) in by_key},
+           "uniform": {k: _brief(lab) for k, lab in uni_labels.items()},
            "unit_scores": scores, "sensitivity": sens, "roles": {u: layer_role(u) for u in space.units},
            "blocks": _unit_blocks(space, graph), "recipes": recipes, **provenance()}
     write_json(out / "sensitivity.json", doc)
