@@ -152,7 +152,10 @@ def _rtn(name: str, wbits: int, abits: int | None) -> QuantConfig:
     return QuantConfig(name=name, weight=WeightConfig("uniform", wbits), act=act, layers=dict(IO_8BIT))
 
 
-SEMI_PV = PVConfig()
+SEMI_PV = PVConfig()  # P and V steps, both momentum-invalidation rules
+# What the AQ recipes use: P steps only, with SeMI's timestep-jump rule. The V step (code moves) was
+# measured to hurt or not help on both zoo models at 2 and 4 bits (benchmarks/pv_variants.py).
+SEMI_P = PVConfig(v_every=0)
 
 
 RECON_SETTINGS = ((4, 8), (3, 8), (3, 6))
@@ -169,12 +172,12 @@ def _recon(name: str, wbits: int, abits: int, objective: str, m: int = 4, balanc
                        layers=dict(IO_8BIT), recon=recon, split_skips=True)
 
 
-def _aq(name: str, target_bits: float, abits: int | None, finetune: PVConfig | None = SEMI_PV,
+def _aq(name: str, target_bits: float, abits: int | None, finetune: PVConfig | None = SEMI_P,
         kernel_aware: bool = True, laq: bool = True, recon: ReconConfig | None = None) -> QuantConfig:
     """AQUATIC-Diff: additive codebooks chosen per layer within `target_bits` effective bits (codebooks
-    and scales counted), KAQ on k x k convolutions, Gram-weighted layer-wise search, then SeMI-PV
-    distillation; the same A8 and 8-bit first / last layer as the RTN recipes, so the two differ
-    only in how the weights are quantized."""
+    and scales counted), KAQ on k x k convolutions, Gram-weighted layer-wise search, then SeMI
+    distillation (P steps; `SEMI_PV` adds the V steps); the same A8 and 8-bit first / last layer as
+    the RTN recipes, so the two differ only in how the weights are quantized."""
     act = ActSpec(abits, "static") if abits and abits < 16 else None
     return QuantConfig(name=name, weight=WeightConfig("aq", target_bits=target_bits, kernel_aware=kernel_aware),
                        act=act, layers=dict(IO_8BIT), finetune=finetune, laq=laq, recon=recon,
@@ -193,15 +196,17 @@ RECIPES: dict[str, QuantConfig] = {
         _rtn("w4a16", 4, None),
         _rtn("w3a16", 3, None),
         _rtn("w2a16", 2, None),
-        # SeMI-PV is part of the recipe where it was measured to help: at 3 bits and below. At 4 bits the
-        # layer-wise result is already close to FP and the distillation moved it away (U-Net, quick size:
-        # PSNR to FP 35.4 dB without, 31.2 dB with; see the -ft / -noft rows).
-        *[_aq(f"aq-w{b:g}a8", b, 8, finetune=SEMI_PV if b <= 3 else None) for b in (4, 3, 2, 1.5)],
-        *[_aq(f"aq-w{b:g}a16", b, None, finetune=SEMI_PV if b <= 3 else None) for b in (4, 3, 2, 1.5)],
-        # ablations: with / without fine-tuning, plain PV (no momentum invalidation), flat groups on
-        # convolutions instead of kernel slices (KAQ), one budget per layer instead of LAQ
-        *[_aq(f"aq-w{b:g}a8-noft", b, 8, finetune=None) for b in (3, 2, 1.5)],
-        _aq("aq-w4a8-ft", 4, 8),
+        # Fine-tuning is part of every AQ recipe: P steps with SeMI's timestep-jump rule, the best held-out
+        # state kept. The code-moving V step stays in the ablations: on the zoo models it did not help at 2
+        # bits and hurt at 4 (128-sample PSNR to FP: DiT 4 bits 30.4 dB P only, 27.7 with V steps, the
+        # start; benchmarks/results/pv-variants-*.json).
+        *[_aq(f"aq-w{b:g}a8", b, 8) for b in (4, 3, 2, 1.5)],
+        *[_aq(f"aq-w{b:g}a16", b, None) for b in (4, 3, 2, 1.5)],
+        # ablations: without fine-tuning, full SeMI-PV (with V steps), plain PV (V steps, no momentum
+        # invalidation), flat groups on convolutions instead of kernel slices (KAQ), one budget per layer
+        # instead of LAQ
+        *[_aq(f"aq-w{b:g}a8-noft", b, 8, finetune=None) for b in (4, 3, 2, 1.5)],
+        _aq("aq-w2a8-semipv", 2, 8, finetune=SEMI_PV),
         _aq("aq-w2a8-pv", 2, 8, finetune=PVConfig(semi=False)),
         _aq("aq-w2a8-flat", 2, 8, kernel_aware=False),
         _aq("aq-w2a8-nolaq", 2, 8, laq=False),
@@ -228,7 +233,8 @@ def describe(r: QuantConfig) -> str:
         how += ", KAQ" if w.kernel_aware else ", flat groups"
         how += ", LAQ per-layer budgets" if r.laq else ", one budget per layer"
         if r.finetune is not None:
-            how += ", SeMI-PV" if r.finetune.semi else ", PV (no momentum invalidation)"
+            steps = "PV" if r.finetune.v_every else "P-only"
+            how += f", SeMI-{steps} fine-tuning" if r.finetune.semi else f", {steps} (no momentum invalidation)"
     else:
         how = f"W{w.bits} {w.method} per-channel {w.clip}"
     if r.recon is not None:

@@ -31,7 +31,7 @@ def test_teacher_items_cover_every_step_with_both_cfg_halves(tiny_unet, schedule
 def test_pv_tuning_lowers_the_distillation_loss_and_caps_code_changes(tiny_unet, scheduler, semi, mode):
     student = _student(tiny_unet, scheduler)
     before = _codes(student)
-    cfg = PVConfig(steps=30, trajectories=8, batch_size=8, sample_steps=3, v_every=5, v_fraction=0.05,
+    cfg = PVConfig(steps=30, trajectories=8, batch_size=8, sample_steps=3, v_every=5, v_fraction=0.05, v_alpha=0.3,
                    lr=2e-3, semi=semi, mode=mode, check_every=0)  # the last state, to see the mechanics
     log = pv_tune(student, tiny_unet, scheduler, cfg, progress=False)
     assert log["loss_last"] < log["loss_first"]
@@ -99,3 +99,28 @@ def test_tuning_returns_its_best_held_out_state_never_a_worse_one(tiny_unet, sch
             torch.testing.assert_close(student(x, t, class_labels=torch.arange(2)).sample,
                                        start(x, t, class_labels=torch.arange(2)).sample)
     assert log["codes_changed"] == 0  # no V step ran
+
+
+def _returns(tabu: bool, student) -> int:
+    """Two V steps on one additive layer, the second along the opposite gradient: how many groups go
+    straight back to the codeword the first step took them from."""
+    from diffquant.methods.pv_tuning import _Additive
+
+    name, mod = next((n, m) for n, m in student.named_modules()
+                     if getattr(m, "qweight", None) is not None and m.qweight.format == "additive")
+    layer = _Additive(name, mod)
+    g = torch.randn_like(layer.grad_sum, generator=torch.Generator().manual_seed(1))
+    before = layer.codes.clone()
+    layer.grad_sum = g.clone()
+    first = layer.v_step(1.0, 3.0, tabu)
+    assert first and (layer.codes != before).any()
+    moved = layer.codes != before
+    layer.grad_sum = -g
+    layer.v_step(1.0, 3.0, tabu)
+    return int(((layer.codes == before) & moved).sum())
+
+
+def test_tabu_v_step_never_moves_a_group_straight_back(tiny_unet, scheduler):
+    student = _student(tiny_unet, scheduler)
+    assert _returns(False, student) > 0  # the opposite gradient undoes moves when nothing forbids it
+    assert _returns(True, student) == 0

@@ -64,6 +64,7 @@ class PVConfig:
     v_every: int = 10  # 0: no V step (P only)
     v_fraction: float = 0.002  # at most this fraction of an additive layer's groups change per V step
     v_alpha: float = 0.05  # V-step target: W^ - alpha * rms(W^) * G / rms(G), per row
+    v_tabu: bool = False  # a group may not move straight back to the codeword it last left
     probe_items: int = 4  # per denoising step, in the fixed batch that accepts or undoes a V step
     semi: bool = True
     jump: int = 250  # a timestep change larger than this between batches invalidates first moments
@@ -126,6 +127,7 @@ class _Additive:
         self.grad_sum = torch.zeros(self.shape[0], qw.numel // self.shape[0])
         self.w_hat: torch.Tensor | None = None
         self.changed = 0
+        self.left = torch.full_like(self.codes, -1)  # per group and codebook: the codeword it last left
 
     def refresh(self) -> None:
         """Recompute the dequantized weight from the trainable tensors (a graph node, not a leaf)."""
@@ -144,9 +146,10 @@ class _Additive:
         self.mod.set_qweight(qw)
 
     @torch.no_grad()
-    def v_step(self, fraction: float, alpha: float) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    def v_step(self, fraction: float, alpha: float, tabu: bool = False) -> list[tuple]:
         """Move the codes toward W^ - alpha * step along the accumulated gradient. Returns the changes,
-        (codebook, flat group indices, old codes), so that they can be undone or invalidate momentum."""
+        (codebook, flat group indices, old codes, old `left`), so that they can be undone or invalidate
+        momentum. With `tabu`, the codeword a group last left is not a candidate for it."""
         g_sum = self.grad_sum
         self.grad_sum = torch.zeros_like(g_sum)
         if fraction <= 0 or not g_sum.abs().sum():
@@ -167,29 +170,39 @@ class _Additive:
             cur = books[m][self.codes[:, :, m]]  # (out, G, g)
             rest = dequantize_additive(self.codes, books, torch.ones(out)).reshape(out, groups, g) - cur
             want = (tgt - rest).reshape(-1, g)  # what codebook m should contribute
-            best_d, best_c = torch.cdist(want, books[m]).min(1)
-            gain = (want - cur.reshape(-1, g)).norm(dim=1) - best_d
+            dist = torch.cdist(want, books[m])
+            left = self.left[:, :, m].reshape(-1)
+            if tabu:
+                back = (left >= 0).nonzero().squeeze(1)
+                dist[back, left[back]] = float("inf")
+            best_d, best_c = dist.min(1)
+            flat = self.codes[:, :, m].reshape(-1)
+            # cdist's matrix-product distances are off by rounding: a group whose nearest codeword is its
+            # own would show a tiny spurious gain and use up the budget with a move that changes nothing
+            gain = ((want - cur.reshape(-1, g)).norm(dim=1) - best_d).masked_fill(best_c == flat, 0)
             idx = gain.topk(min(budget, int((gain > 1e-12).sum()))).indices
             if len(idx) == 0:
                 continue
-            flat = self.codes[:, :, m].reshape(-1)
-            changes.append((m, idx, flat[idx].clone()))
+            changes.append((m, idx, flat[idx].clone(), left[idx].clone()))
+            left[idx] = flat[idx]
             flat[idx] = best_c[idx]
             self.codes[:, :, m] = flat.reshape(out, groups)
+            self.left[:, :, m] = left.reshape(out, groups)
         return changes
 
     @torch.no_grad()
     def undo(self, changes) -> None:
-        for m, idx, old in reversed(changes):
-            flat = self.codes[:, :, m].reshape(-1)
-            flat[idx] = old
-            self.codes[:, :, m] = flat.reshape(self.codes.shape[:2])
+        for m, idx, old, old_left in reversed(changes):
+            for store, value in ((self.codes, old), (self.left, old_left)):
+                flat = store[:, :, m].reshape(-1)
+                flat[idx] = value
+                store[:, :, m] = flat.reshape(store.shape[:2])
 
     def invalidate(self, changes, opt: torch.optim.Optimizer) -> None:
         """SeMI rule (1): zero the first moment of the codewords a change left or joined, and of the
         scales of the rows that changed."""
         groups = self.codes.shape[1]
-        for m, idx, old in changes:
+        for m, idx, old, _ in changes:
             new = self.codes[:, :, m].reshape(-1)[idx]
             _zero_first_moment(opt, self.books, rows=(m, torch.cat([old, new]).unique()))
             _zero_first_moment(opt, self.log_scale, rows=(None, (idx // groups).unique()))
@@ -249,23 +262,25 @@ def _load_state(layers: list[_Additive], params: list[nn.Parameter], st: dict) -
         p.copy_(v)
 
 
-def _v_step(layers: list[_Additive], student: nn.Module, probe, cfg: PVConfig, opt) -> int:
+def _v_step(layers: list[_Additive], student: nn.Module, probe, cfg: PVConfig, opt) -> tuple[int, int]:
     """One V step over all additive layers, kept only if the probe batch's loss does not rise
-    (a trust-region check: the linearised step can overshoot). Returns the codes changed (0: undone)."""
+    (a trust-region check: the linearised step can overshoot). Returns (codes proposed, codes changed);
+    0 changed: the step was undone."""
     before = _probe_loss(student, layers, probe)
-    changes = {id(layer): layer.v_step(cfg.v_fraction, cfg.v_alpha) for layer in layers}
+    changes = {id(layer): layer.v_step(cfg.v_fraction, cfg.v_alpha, cfg.v_tabu) for layer in layers}
+    proposed = sum(len(change[1]) for c in changes.values() for change in c)
+    if not proposed:
+        return 0, 0
     if _probe_loss(student, layers, probe) > before:
         for layer in layers:
             layer.undo(changes[id(layer)])
-        return 0
-    n = 0
+        return proposed, 0
     for layer in layers:
         c = changes[id(layer)]
-        n += sum(len(idx) for _, idx, _ in c)
-        layer.changed += sum(len(idx) for _, idx, _ in c)
+        layer.changed += sum(len(change[1]) for change in c)
         if cfg.semi:
             layer.invalidate(c, opt)
-    return n
+    return proposed, proposed
 
 
 def _first_tensor(o):
@@ -312,7 +327,7 @@ def pv_tune(student: nn.Module, teacher: nn.Module, scheduler, cfg: PVConfig = P
     probe = _probe_batch(data, cfg.probe_items, gen)
     check = _check_set(teacher, scheduler, cfg)
     initial = [layer.codes.clone() for layer in layers]
-    log = {"loss": [], "v_changes": [], "resets_jump": 0, "check": []}
+    log = {"loss": [], "v_proposed": [], "v_changes": [], "resets_jump": 0, "check": []}
     last_t, start, best = None, 0, None
 
     def keep_if_best(step: int) -> None:
@@ -330,6 +345,7 @@ def pv_tune(student: nn.Module, teacher: nn.Module, scheduler, cfg: PVConfig = P
             _load_state(layers, params, st)
             for layer in layers:
                 layer.changed = st["changed"][layer.name]
+                layer.left.copy_(st["left"][layer.name])
             opt.load_state_dict(st["opt"])
             gen.set_state(st["gen"])
             log, last_t, start, best = st["log"], st["last_t"], st["step"], st["best"]
@@ -340,7 +356,8 @@ def pv_tune(student: nn.Module, teacher: nn.Module, scheduler, cfg: PVConfig = P
         with atomic_path(state_file) as tmp:
             torch.save({"cfg": cfg.__dict__, "layers": [(layer.name, layer.spec) for layer in layers], "step": step,
                         "codes": [layer.codes for layer in layers], "params": [p.detach() for p in params],
-                        "changed": {layer.name: layer.changed for layer in layers}, "opt": opt.state_dict(),
+                        "changed": {layer.name: layer.changed for layer in layers},
+                        "left": {layer.name: layer.left for layer in layers}, "opt": opt.state_dict(),
                         "gen": gen.get_state(), "log": log, "last_t": last_t, "best": best}, tmp)
 
     student.eval()
@@ -374,7 +391,9 @@ def pv_tune(student: nn.Module, teacher: nn.Module, scheduler, cfg: PVConfig = P
                 layer.accumulate()
             log["loss"].append(float(loss.detach()))
             if cfg.v_every and (step + 1) % cfg.v_every == 0:
-                log["v_changes"].append(_v_step(layers, student, probe, cfg, opt))
+                proposed, changed = _v_step(layers, student, probe, cfg, opt)
+                log["v_proposed"].append(proposed)
+                log["v_changes"].append(changed)
             if check is not None and (step + 1) % cfg.check_every == 0:
                 keep_if_best(step + 1)
             if step % 20 == 0:
