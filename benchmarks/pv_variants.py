@@ -36,7 +36,9 @@ VARIANTS = [
     ("tabu", {"v_tabu": True}),
     ("v_every=20", {"v_every": 20, "v_fraction": 0.004}),
     ("steps=600", {"steps": 600}),
-    ("lr=1e-4", {"lr": 1e-4}),  # a smaller P step, for 4 bits, where the default moves away from the start
+    # P only, longer and with a smaller step: whether the 4-bit result has more to give
+    ("P only steps=600", {"v_every": 0, "steps": 600}),
+    ("P only lr=3e-4 steps=600", {"v_every": 0, "lr": 3e-4, "steps": 600}),
 ]
 
 

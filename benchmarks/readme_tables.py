@@ -16,8 +16,8 @@ from summarize import table  # noqa: E402
 ROOT = Path(__file__).parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 ORDER = ["fp", "w8a8", "w4a8", "w4a6", "w3a8", "w2a8", "w4a16", "w3a16", "w2a16", "aq-w4a8", "aq-w3a8", "aq-w2a8",
-         "aq-w1.5a8", "aq-w4a8-ft", "aq-w3a8-noft", "aq-w2a8-noft", "aq-w1.5a8-noft", "aq-w2a8-pv", "aq-w2a8-flat",
-         "aq-w2a8-nolaq"]
+         "aq-w1.5a8", "aq-w4a8-noft", "aq-w3a8-noft", "aq-w2a8-noft", "aq-w1.5a8-noft", "aq-w2a8-semipv", "aq-w2a8-pv",
+         "aq-w2a8-flat", "aq-w2a8-nolaq"]
 
 
 def _key(r: dict) -> tuple:

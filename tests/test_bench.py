@@ -1,4 +1,4 @@
-"""bench.run_quality's results file: rows written by another run meanwhile are kept, not overwritten."""
+"""bench.run_quality's results file: rows written by another run meanwhile, and superseded rows, are kept."""
 
 import json
 
@@ -23,3 +23,14 @@ def test_rows_of_another_protocol_are_not_merged(tmp_path):
     mine = _doc(["fp"])
     _merge_rows_written_meanwhile(mine, out)
     assert [r["method"] for r in mine["rows"]] == ["fp"]
+
+
+def test_superseded_rows_survive_a_rewrite(tmp_path):
+    out = tmp_path / "q.json"
+    old = _doc(["fp"])
+    old["superseded_rows"] = [{"model": "m", "method": "aq-w2a8", "superseded": "older recipe"}]
+    out.write_text(json.dumps(old))
+    mine = _doc(["aq-w2a8"])
+    _merge_rows_written_meanwhile(mine, out)
+    assert mine["superseded_rows"] == old["superseded_rows"]
+    assert sorted(r["method"] for r in mine["rows"]) == ["aq-w2a8", "fp"]

@@ -158,7 +158,8 @@ def _locked(out: Path):
 
 
 def _merge_rows_written_meanwhile(doc: dict, out: Path) -> None:
-    """Keeps rows another process wrote to `out` (same protocol) since this one read it."""
+    """Keeps rows another process wrote to `out` (same protocol) since this one read it, and the
+    file's `superseded_rows` (rows of an older recipe kept for the record, not in the tables)."""
     if not out.exists():
         return
     old = json.loads(out.read_text())
@@ -166,6 +167,8 @@ def _merge_rows_written_meanwhile(doc: dict, out: Path) -> None:
         return
     mine = {(r["model"], r["method"]) for r in doc["rows"]}
     doc["rows"][:0] = [r for r in old.get("rows", []) if (r["model"], r["method"]) not in mine]
+    if old.get("superseded_rows"):
+        doc["superseded_rows"] = old["superseded_rows"]
 
 
 def run_quality(models: list[str], methods: list[str], n: int, out: Path, seed: int = 0, steps: int = 20,

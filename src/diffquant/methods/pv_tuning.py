@@ -31,6 +31,11 @@ the starting one included. At W4 the layer-wise result starts close to FP and th
 steps can move it away: on the zoo DiT, 300 steps raised the training loss itself (0.0037 -> 0.0046)
 and FID to FP from 0.045 to 0.216. Fine-tuning should never make the model it was given worse.
 
+**The V step is off in the recipes** (`config.SEMI_P`, v_every=0): on both zoo models it did not help
+at 2 bits and, at 4 bits, the moves the probe batch accepted undid on held-out items what the P
+steps gained (benchmarks/pv_variants.py; docs/methods.md has the table). It stays here, tested,
+for the ablation recipes and for models where it may pay.
+
 Modes: "model" matches the denoiser's output; "block" adds, for every top-level block, the
 normalised mean-squared difference of the student's and the teacher's block outputs (both models run
 on the same x_t), which gives every block its own error signal.
@@ -362,7 +367,8 @@ def pv_tune(student: nn.Module, teacher: nn.Module, scheduler, cfg: PVConfig = P
 
     student.eval()
     try:
-        bar = tqdm(range(start, cfg.steps), desc=f"SeMI-PV ({cfg.mode})" if cfg.semi else f"PV ({cfg.mode})",
+        name = f"{'SeMI-' if cfg.semi else ''}{'PV' if cfg.v_every else 'P'} ({cfg.mode})"
+        bar = tqdm(range(start, cfg.steps), desc=name,
                    disable=not progress, mininterval=5, initial=start, total=cfg.steps)
         for step in bar:
             d = data[step % cfg.sample_steps]
