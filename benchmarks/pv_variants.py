@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from recon_sweep import psnr_to_fp  # the same PSNR-to-FP score as the reconstruction sweep
 
 RESULTS = Path(__file__).parent / "results"
 # (label, PVConfig overrides). alpha sets how far the V step's target lies from the current weights
@@ -72,11 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     base, _, info = Protocol(n=args.n).build(args.model, plain if RECIPES[plain].finetune is None else f"{plain}-noft")
     labels, seed = balanced_labels(args.n), 777
     fp_images = sample(teacher, scheduler, labels, seed=seed).float()
-    rng = float(fp_images.max() - fp_images.min())
 
     def psnr(model) -> float:
-        mse = float(((sample(model, scheduler, labels, seed=seed).float() - fp_images) ** 2).mean())
-        return round(10 * float(torch.log10(torch.tensor(rng ** 2 / mse))), 3)
+        return psnr_to_fp(model, fp_images, scheduler, labels, seed)["psnr"]
 
     if "no fine-tuning" not in rows:
         rows["no fine-tuning"] = {"settings": None, "psnr": psnr(base), "effective_bits": info["effective_bits"]}

@@ -36,7 +36,7 @@ VARIANTS = [
 ]
 
 
-def _psnr(model, fp_images: torch.Tensor, scheduler, labels, seed: int) -> dict:
+def psnr_to_fp(model, fp_images: torch.Tensor, scheduler, labels, seed: int) -> dict:
     from diffquant.pipelines import sample
 
     x = sample(model, scheduler, labels, seed=seed).float()
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = doc["rows"]
     if "rtn" not in rows:
         q = dq.quantize_(copy.deepcopy(model), dataclasses.replace(base, recon=None), calib=calib, scheduler=scheduler)
-        rows["rtn"] = {"settings": None, **_psnr(q, fp_images, scheduler, labels, seed), "seconds": 0.0}
+        rows["rtn"] = {"settings": None, **psnr_to_fp(q, fp_images, scheduler, labels, seed), "seconds": 0.0}
     for label, over in variants:
         settings = dataclasses.asdict(ReconConfig(**{**dataclasses.asdict(base.recon), **over}))
         if label in rows and rows[label]["settings"] == settings:
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclasses.replace(base, recon=ReconConfig(**settings))
         q = dq.quantize_(copy.deepcopy(model), cfg, calib=calib, scheduler=scheduler, progress=False)
         units = q.dq_recon_log["units"]
-        rows[label] = {"settings": settings, **_psnr(q, fp_images, scheduler, labels, seed),
+        rows[label] = {"settings": settings, **psnr_to_fp(q, fp_images, scheduler, labels, seed),
                        "seconds": round(time.time() - t, 1),
                        "loss_after_over_rtn": {u: round(v["loss_after"] / v["loss_rtn"], 4) for u, v in units.items()}}
         print(f"{label}: PSNR {rows[label]['psnr']} dB ({rows[label]['seconds']} s)", flush=True)
