@@ -29,7 +29,8 @@ trajectories, so consecutive batches move 1000/S timesteps down, then jump back 
 noise: `check_trajectories` trajectories from seed + 1), and training returns the best-scoring state,
 the starting one included. At W4 the layer-wise result starts close to FP and the fixed-size Adam
 steps can move it away: on the zoo DiT, 300 steps raised the training loss itself (0.0037 -> 0.0046)
-and FID to FP from 0.045 to 0.216. Fine-tuning should never make the model it was given worse.
+and FID to FP from 0.045 to 0.216 (that run had V steps; see below). Fine-tuning should never make
+the model it was given worse.
 
 **The V step is off in the recipes** (`config.SEMI_P`, v_every=0): on both zoo models it did not help
 at 2 bits and, at 4 bits, the moves the probe batch accepted undid on held-out items what the P
