@@ -14,15 +14,13 @@ the same settings.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 import torch
-from recon_sweep import psnr_to_fp  # the same PSNR-to-FP score as the reconstruction sweep
+from recon_sweep import open_sweep, psnr_to_fp, save_sweep, selected, sweep_parser  # same score, same file
 
 RESULTS = Path(__file__).parent / "results"
 # (label, PVConfig overrides). alpha sets how far the V step's target lies from the current weights
@@ -44,34 +42,28 @@ VARIANTS = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="mnist-dit")
-    ap.add_argument("--bits", default="2", help="the AQ budget: 4, 3, 2 or 1.5")
-    ap.add_argument("-n", type=int, default=128, help="final samples scored against FP")
-    ap.add_argument("--only", default=None, help="comma-separated variant labels (default: all)")
-    ap.add_argument("--json", type=Path, default=None)
+    ap = sweep_parser(__doc__, "mnist-dit")
+    ap.add_argument("--bits", default="2", choices=("4", "3", "2", "1.5"), help="the AQ budget")
     args = ap.parse_args(argv)
 
     import diffquant as dq
     from diffquant.bench import Protocol
-    from diffquant.config import SEMI_PV
-    from diffquant.io_utils import write_json
+    from diffquant.config import RECIPES, SEMI_PV
     from diffquant.methods.pv_tuning import PVConfig, pv_tune
     from diffquant.pipelines import balanced_labels, sample
-    from diffquant.provenance import provenance
 
     torch.set_num_threads(1)
     out = args.json or RESULTS / f"pv-variants-{args.model}-w{args.bits}a8.json"
-    variants = [v for v in VARIANTS if args.only is None or v[0] in args.only.split(",")]
-    doc = json.loads(out.read_text()) if out.exists() else {"rows": {}}
+    variants = selected(VARIANTS, args.only)
+    doc = open_sweep(out)
     rows = doc["rows"]
+    header = {"benchmark": "pv_variants", "model": args.model, "recipe": f"aq-w{args.bits}a8", "n": args.n,
+              "sample_seed": 777}
     t0 = time.time()
     teacher, scheduler = dq.load(args.model)[:2]
-    from diffquant.config import RECIPES
-
     plain = f"aq-w{args.bits}a8"  # aq-w4a8 does not fine-tune; the lower budgets have a -noft twin
     base, _, info = Protocol(n=args.n).build(args.model, plain if RECIPES[plain].finetune is None else f"{plain}-noft")
-    labels, seed = balanced_labels(args.n), 777
+    labels, seed = balanced_labels(args.n), header["sample_seed"]
     fp_images = sample(teacher, scheduler, labels, seed=seed).float()
 
     def psnr(model) -> float:
@@ -97,12 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label}: PSNR {rows[label]['psnr']} dB, proposed {sum(log['v_proposed'])}, "
               f"moves {log['code_moves']}, net {log['codes_changed']}, "
               f"best step {log.get('best_step')} ({rows[label]['seconds']} s)", flush=True)
-        doc.update({"benchmark": "pv_variants", "model": args.model, "recipe": f"aq-w{args.bits}a8", "n": args.n,
-                    "sample_seed": seed, "rows": rows, **provenance()})
-        write_json(out, doc)  # after every variant: an interrupted run keeps what it finished
-    doc.update({"benchmark": "pv_variants", "model": args.model, "recipe": f"aq-w{args.bits}a8", "n": args.n,
-                "sample_seed": seed, "rows": rows, "wall_time_s": round(time.time() - t0, 1), **provenance()})
-    write_json(out, doc)
+        save_sweep(out, doc, header)  # after every variant: an interrupted run keeps what it finished
+    save_sweep(out, doc, header, t0)
     print({k: v["psnr"] for k, v in rows.items()})
     return 0
 

@@ -45,33 +45,61 @@ def psnr_to_fp(model, fp_images: torch.Tensor, scheduler, labels, seed: int) -> 
     return {"psnr": round(10 * float(torch.log10(torch.tensor(rng ** 2 / mse))), 3), "mse": mse}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="mnist-unet")
-    ap.add_argument("--recipe", default="w3a6-perstep")
+def sweep_parser(description: str, model: str) -> argparse.ArgumentParser:
+    """The options every variant sweep has: the model, the sample count, a subset of variants, the JSON."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=model)
     ap.add_argument("-n", type=int, default=128, help="final samples scored against FP")
     ap.add_argument("--only", default=None, help="comma-separated variant labels (default: all)")
     ap.add_argument("--json", type=Path, default=None)
+    return ap
+
+
+def selected(variants: list, only: str | None) -> list:
+    names = None if only is None else only.split(",")
+    if names is not None and (unknown := set(names) - {label for label, _ in variants}):
+        raise SystemExit(f"unknown variant(s) {sorted(unknown)}; known: {[label for label, _ in variants]}")
+    return [v for v in variants if names is None or v[0] in names]
+
+
+def open_sweep(out: Path) -> dict:
+    """The sweep's JSON so far (a rerun skips the variants already in it)."""
+    return json.loads(out.read_text()) if out.exists() else {"rows": {}}
+
+
+def save_sweep(out: Path, doc: dict, header: dict, t0: float | None = None) -> None:
+    """Writes the rows with the header and provenance; with `t0`, the run's wall time too (the final write)."""
+    from diffquant.io_utils import write_json
+    from diffquant.provenance import provenance
+
+    doc.update({**header, "rows": doc["rows"], **provenance()})
+    if t0 is not None:
+        doc["wall_time_s"] = round(time.time() - t0, 1)
+    write_json(out, doc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = sweep_parser(__doc__, "mnist-unet")
+    ap.add_argument("--recipe", default="w3a6-perstep")
     args = ap.parse_args(argv)
 
     import diffquant as dq
     from diffquant.config import get_recipe
-    from diffquant.io_utils import write_json
     from diffquant.methods.accuquant import ReconConfig
     from diffquant.pipelines import balanced_labels, sample
-    from diffquant.provenance import provenance
 
     torch.set_num_threads(1)
     out = args.json or RESULTS / f"recon-sweep-{args.model}-{args.recipe}.json"
     base = get_recipe(args.recipe)
     if base.recon is None:
         raise SystemExit(f"{args.recipe} has no reconstruction to sweep; pick a *-perstep or *-accuquant recipe")
-    variants = [v for v in VARIANTS if args.only is None or v[0] in args.only.split(",")]
-    doc = json.loads(out.read_text()) if out.exists() else {"rows": {}}
+    variants = selected(VARIANTS, args.only)
+    doc = open_sweep(out)
+    header = {"benchmark": "recon_sweep", "model": args.model, "recipe": args.recipe, "n": args.n, "sample_seed": 777}
     t0 = time.time()
     model, scheduler = dq.load(args.model)[:2]
     calib = dq.collect(model, scheduler, n=64, steps=20, progress=False)
-    labels, seed = balanced_labels(args.n), 777
+    labels, seed = balanced_labels(args.n), header["sample_seed"]
     fp_images = sample(model, scheduler, labels, seed=seed).float()
     rows = doc["rows"]
     if "rtn" not in rows:
@@ -89,12 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                        "seconds": round(time.time() - t, 1),
                        "loss_after_over_rtn": {u: round(v["loss_after"] / v["loss_rtn"], 4) for u, v in units.items()}}
         print(f"{label}: PSNR {rows[label]['psnr']} dB ({rows[label]['seconds']} s)", flush=True)
-        doc.update({"benchmark": "recon_sweep", "model": args.model, "recipe": args.recipe, "n": args.n,
-                    "sample_seed": seed, "rows": rows, **provenance()})
-        write_json(out, doc)  # after every variant: an interrupted sweep keeps what it finished
-    doc.update({"benchmark": "recon_sweep", "model": args.model, "recipe": args.recipe, "n": args.n,
-                "sample_seed": seed, "rows": rows, "wall_time_s": round(time.time() - t0, 1), **provenance()})
-    write_json(out, doc)
+        save_sweep(out, doc, header)  # after every variant: an interrupted sweep keeps what it finished
+    save_sweep(out, doc, header, t0)
     print({k: v["psnr"] for k, v in rows.items()})
     return 0
 
