@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-configs", type=int, default=20)
     ap.add_argument("--check-n", type=int, default=1000)
     ap.add_argument("--cache", type=Path, default=Path("runs/cache/sensitivity"))
+    ap.add_argument("--with-aq", action="store_true", help="also search additive-codebook (AQ) options per layer")
     ap.add_argument("--out", type=Path, default=None, help="plots and recipes (default: beside --json)")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     out = args.out or args.json.parent / args.json.stem
     settings = SensitivitySettings(configs=args.configs, n=args.n, workers=args.workers, folds=args.folds,
-                                   epochs=args.epochs)
+                                   epochs=args.epochs, extra_methods=("aq",) if args.with_aq else ())
     targets = [float(t) for t in args.target_bits.split(",")]
     doc = run(args.model, out, targets, args.act_bits, settings, cache=args.cache)
     if args.check_configs:

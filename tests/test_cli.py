@@ -119,14 +119,16 @@ def test_sensitivity_writes_recipes_that_quantize_applies(tmp_path, monkeypatch,
     _save_tiny32(tmp_path / "fp", scheduler)
     run = CliRunner().invoke
     res = run(main, ["sensitivity", "fp", "--target-bits", "3.2", "--act-bits", "6", "--out", "mp", "--configs", "10",
-                     "-n", "6", "--folds", "2", "--epochs", "3", "--cache", "cache"])
+                     "-n", "6", "--folds", "2", "--epochs", "3", "--cache", "cache", "--with-aq"])
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "mp/sensitivity.json").read_text())
+    assert {"aq-2", "aq-3", "aq-4"} <= set(doc["uniform"]) and "aq-4" not in doc["paper_options"]
     rec = doc["recipes"]["fp-mp3.2a6"]
     assert set(doc["recipes"]) == {"fp-mp3.2", "fp-mp3.2a6"}
     assert rec["effective_bits"] <= 3.2
     measured = {k: c["fid_to_fp"] for k, c in rec["candidates"].items()}
     assert "lagrangian" in measured and measured[rec["search"]] == min(measured.values())  # the label decides
+    assert any("+aq" in k for k in measured)  # AQ options are searched (by summed error) beside the paper's
     for png in ("sensitivity-by-role.png", "sensitivity-by-block.png", "pareto.png"):
         assert (tmp_path / "mp" / png).exists()
     res = run(main, ["quantize", "fp", "--recipe", f"mp/{rec['file']}", "--out", "q", "--calib-n", "4", "--steps", "2"])

@@ -95,15 +95,10 @@ def quantize_(model: nn.Module, config: QuantConfig | AQConfig, calib: Calibrati
         wc = config.weight_for(name, io)
         if wc.method == "fp":
             continue
-        if wc.method == "aq" and not _aq_fits(wc, mod):
-            # a layer so small that codebooks cost more than its budget: uniform at the budget, rounded up
-            wc = WeightConfig("uniform", bits=max(2, math.ceil(wc.target_bits)), clip="lp")
-            log[name] = {"fallback": f"uniform w{wc.bits} (no additive setting fits the budget)"}
-        if wc.method == "aq":
-            bar.set_postfix_str(name)
-            qw, log[name] = _aq_layer(name, mod, wc, calib, search, resume_dir)
-        else:
-            qw = quantize_weight(mod.weight, wc.to_spec(), name)
+        bar.set_postfix_str(name)
+        qw, entry = quantize_layer_weight(name, mod, wc, calib, search, resume_dir)
+        if entry is not None:
+            log[name] = entry
         act = config.act_for(name)
         if act is not None and act.mode == "static" and name in splits:
             act = dataclasses.replace(act, split=splits[name])
@@ -196,6 +191,25 @@ def _check_aq_budget(config: QuantConfig, layers: dict, io: set[str]) -> None:
     if misfit == total:
         raise ValueError(f"recipe {config.name!r}: no additive setting fits its effective-bit budget in any "
                          "layer (codebooks and scales alone cost more). Fix: a higher target_bits.")
+
+
+def quantize_layer_weight(name: str, mod: nn.Module, wc: WeightConfig, calib: CalibrationData | None = None,
+                          search: AQSearch | None = None, resume_dir: str | Path | None = None,
+                          ) -> tuple[QuantizedWeight, dict | None]:
+    """One layer's weight under `wc`, and its AQ log entry (None for uniform / k-means). The one
+    place that decides how a layer is stored, so that a recipe and Qua²SeDiMo's precomputed search
+    space (which quantizes layers one by one) produce the same weights."""
+    if wc.method == "aq" and not _aq_fits(wc, mod):
+        # a layer so small that codebooks cost more than its budget: uniform at the budget, rounded up
+        wc = WeightConfig("uniform", bits=max(2, math.ceil(wc.target_bits)), clip="lp")
+        return (quantize_weight(mod.weight, wc.to_spec(), name),
+                {"fallback": f"uniform w{wc.bits} (no additive setting fits the budget)"})
+    if wc.method == "aq":
+        if calib is None:
+            raise ValueError(f"layer {name!r} is additive (AQ), which needs calibration data. "
+                             "Fix: pass calib=diffquant.calibrate.collect(model, scheduler).")
+        return _aq_layer(name, mod, wc, calib, search or AQSearch(), resume_dir)
+    return quantize_weight(mod.weight, wc.to_spec(), name), None
 
 
 def _aq_fits(wc: WeightConfig, mod: nn.Module) -> bool:

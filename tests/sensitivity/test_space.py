@@ -5,6 +5,7 @@ import torch
 
 import diffquant as dq
 from diffquant.accounting import bit_report
+from diffquant.methods.aquatic import AQSearch
 from diffquant.sensitivity.space import Option, SearchSpace, all_options, tied_units
 
 
@@ -59,3 +60,30 @@ def test_incomplete_configuration_is_rejected(tiny_unet):
         space.effective_bits(config)
     with pytest.raises(ValueError, match="option keys"):
         Option.parse("uaq")
+
+
+def test_aq_options_need_calibration_then_join_the_cache_and_reproduce_as_a_recipe(tiny_unet, scheduler, tmp_path):
+    import copy
+
+    paper = all_options(bits=(3,), methods=("uaq",))
+    space = SearchSpace(tiny_unet, paper, cache_dir=tmp_path).build(progress=False)
+    name = space.layers[3]
+    before = space.table[name]["uaq-3"].dequantize()
+    with_aq = paper + [Option("aq", 3)]
+    with pytest.raises(ValueError, match="calibration data"):
+        SearchSpace(tiny_unet, with_aq, cache_dir=tmp_path).build(progress=False)
+    calib = dq.collect(tiny_unet, scheduler, n=4, steps=3, batch_size=4, progress=False)
+    fast = AQSearch(beam=2, kmeans_iters=4, adam_steps=5, max_rounds=1)
+    full = SearchSpace(tiny_unet, with_aq, cache_dir=tmp_path, calib=calib, search=fast).build(progress=False)
+    assert torch.equal(full.table[name]["uaq-3"].dequantize(), before)  # the cached option is kept, not rebuilt
+    assert full.methods == ("uaq", "aq")
+    again = SearchSpace(tiny_unet, with_aq, cache_dir=tmp_path).build(progress=False)  # all cached: no calib needed
+    config = {u: with_aq[i % 2] for i, u in enumerate(full.units)}
+    applied = full.apply(full.quantized_model(), config)
+    assert full.effective_bits(config) == pytest.approx(bit_report(applied)["effective_bits"], rel=1e-9)
+    assert again.effective_bits(config) == full.effective_bits(config)
+    full.to_recipe(config, "mixed-aq").to_json(tmp_path / "r.json")
+    via_recipe = dq.quantize_(copy.deepcopy(tiny_unet), dq.get_recipe(str(tmp_path / "r.json")), calib=calib,
+                              search=fast)
+    for n in full.layers:
+        torch.testing.assert_close(via_recipe.get_submodule(n).dense_weight(), applied.get_submodule(n).dense_weight())

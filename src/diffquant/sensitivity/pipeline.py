@@ -29,7 +29,7 @@ from diffquant.sensitivity.sample import (
     label_parallel,
     random_configs,
 )
-from diffquant.sensitivity.space import Option, SearchSpace
+from diffquant.sensitivity.space import Option, SearchSpace, all_options
 
 ROLES = (("io", r"^(conv_in|conv_out|pos_embed\.proj|proj_out_2)$"),
          ("time/class embedding",
@@ -58,6 +58,7 @@ class SensitivitySettings:
     epochs: int = 300
     target: str = "fid_to_fp"
     explain_configs: int = 32  # labelled configurations the partial dependence averages over
+    extra_methods: tuple[str, ...] = ()  # e.g. ("aq",): searched by summed error, not in the random configs
 
 
 def uniform_configs(space: SearchSpace) -> list[dict[str, Option]]:
@@ -72,8 +73,9 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
     out, cache = Path(out), Path(cache) / model_name
     model, scheduler = dq.load(model_name)[:2]
     space = SearchSpace(model, cache_dir=cache / "space").build(progress=progress)
+    full = _with_extra_methods(space, model, scheduler, settings.extra_methods, cache / "space", progress)
     configs = random_configs(space, settings.configs, seed=0)
-    uniform = uniform_configs(space)
+    uniform = uniform_configs(full)
     label_dir = cache / f"labels-n{settings.n}"
     labels = label_parallel(model_name, cache / "space", configs + uniform, label_dir, LabelConfig(n=settings.n),
                             workers=settings.workers)
@@ -90,7 +92,7 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
     recipes: dict = {}
     out.mkdir(parents=True, exist_ok=True)
     acts = [(None, "")] + ([(act, f"a{act_bits}")] if act else [])  # weight-only, and with activations
-    uni_labels = {o.key: by_key[config_key(c)] for o, c in zip(space.options, uniform, strict=True)
+    uni_labels = {o.key: by_key[config_key(c)] for o, c in zip(full.options, uniform, strict=True)
                   if config_key(c) in by_key}
     adj = graph.adjacency()
 
@@ -100,32 +102,42 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
     def error_cost(cs):
         return summed_error(space, cs)
 
+    def full_error(cs):
+        return summed_error(full, cs)
+
     for tb in target_bits:
         candidates = {"lagrangian": recipe_for_bits(space, scores, tb, graph, cv["models"], weights)[0]}
         for base in _descent_bases(space, uni_labels, tb):
             candidates[f"descent-gnn-from-{base.key}"] = descend(space, base, tb, gnn_cost)
             candidates[f"descent-error-from-{base.key}"] = descend(space, base, tb, error_cost)
             candidates[f"descent-error-any-method-from-{base.key}"] = descend(space, base, tb, error_cost, True)
+        predicted = dict(zip(candidates, gnn_cost(list(candidates.values())), strict=True))
+        if full is not space:  # the predictors never saw the extra methods: the summed error searches them
+            for base in _descent_bases(full, uni_labels, tb):
+                if base.method in settings.extra_methods:
+                    candidates[f"descent-error-from-{base.key}"] = descend(full, base, tb, full_error)
+                candidates[f"descent-error-any-method+{'+'.join(settings.extra_methods)}-from-{base.key}"] = (
+                    descend(full, base, tb, full_error, True))
         got = label_parallel(model_name, cache / "space", list(candidates.values()), label_dir,
                              LabelConfig(n=settings.n), workers=settings.workers)
         measured = {g["key"]: g for g in got}
-        pred = gnn_cost(list(candidates.values()))
-        tried = {k: {"predicted": float(pv), **_brief(measured[config_key(c)])}
-                 for (k, c), pv in zip(candidates.items(), pred, strict=True)}
+        tried = {k: {"predicted": float(predicted[k]) if k in predicted else None, **_brief(measured[config_key(c)])}
+                 for k, c in candidates.items()}
         how = min(tried, key=lambda k: tried[k]["fid_to_fp"])  # the label decides
         config = candidates[how]
-        info = {"search": how, "effective_bits": space.effective_bits(config), "candidates": tried,
+        info = {"search": how, "effective_bits": full.effective_bits(config), "candidates": tried,
                 "label": _brief(measured[config_key(config)])}
         for spec, tag in acts:
             name = f"{model_name}-mp{tb:g}{tag}"
-            space.to_recipe(config, name, act=spec).to_json(out / f"{name}.json")
+            full.to_recipe(config, name, act=spec).to_json(out / f"{name}.json")
             recipes[name] = {"file": f"{name}.json", "config": config_to_json(config), **info}
-    for o, c in zip(space.options, uniform, strict=True):  # the single-method baselines, as recipes too
+    for o, c in zip(full.options, uniform, strict=True):  # the single-method baselines, as recipes too
         for spec, tag in acts:
-            space.to_recipe(c, f"{model_name}-uniform-{o.key}{tag}", act=spec).to_json(
+            full.to_recipe(c, f"{model_name}-uniform-{o.key}{tag}", act=spec).to_json(
                 out / f"{model_name}-uniform-{o.key}{tag}.json")
     doc = {"model": model_name, "settings": settings.__dict__, "units": len(space.units),
-           "options": [o.key for o in space.options], "graph": {"nodes": len(graph.names), "edges": len(graph.edges)},
+           "options": [o.key for o in full.options], "paper_options": [o.key for o in space.options],
+           "graph": {"nodes": len(graph.names), "edges": len(graph.edges)},
            "predictors": {k: {"folds": cv[k], "mean": cv[f"{k}_mean"]} for k in ("gnn", "trees", "summed_error")},
            "heldout": {"pred": [float(v) for v in cv["heldout"]], "true": [float(v) for v in y]},
            "labels": [_brief(by_key[config_key(c)]) for c in rand],
@@ -135,6 +147,21 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
     write_json(out / "sensitivity.json", doc)
     plot(doc, out)
     return doc
+
+
+def _with_extra_methods(space: SearchSpace, model, scheduler, methods: tuple[str, ...], cache_dir: Path,
+                        progress: bool) -> SearchSpace:
+    """The search space with `methods` added at every width (AQ options need calibration data, collected
+    here as the quantization benchmarks collect it, so that a recipe re-quantizes to the same weights)."""
+    if not methods:
+        return space
+    from diffquant.calibration.collect import collect
+
+    extra = all_options(methods=methods)
+    built = all((cache_dir / f"{n}.pt").exists() and {o.key for o in extra} <= set(
+        torch.load(cache_dir / f"{n}.pt", weights_only=False)["keys"]) for n in space.layers)
+    calib = None if built else collect(model, scheduler, n=64, steps=20, progress=progress)
+    return SearchSpace(model, options=space.options + extra, cache_dir=cache_dir, calib=calib).build(progress=progress)
 
 
 def _descent_bases(space: SearchSpace, uniform_labels: dict[str, dict], target_bits: float) -> list[Option]:

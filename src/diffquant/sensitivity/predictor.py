@@ -27,7 +27,7 @@ from scipy.stats import spearmanr
 from tqdm import tqdm
 
 from diffquant.sensitivity.graph import OP_KINDS, ModelGraph
-from diffquant.sensitivity.space import METHODS, Option, SearchSpace
+from diffquant.sensitivity.space import Option, SearchSpace
 
 LAYER_KINDS = ("linear", "conv", "conv1x1")
 
@@ -43,13 +43,14 @@ def node_features(space: SearchSpace, graph: ModelGraph, configs: list[dict[str,
         static[i, -3] = i / len(graph.names)  # position in forward order: tells apart look-alike layers
         static[i, -2] = graph.block[i] / nb
         static[i, -1] = math.log10(space.numel[name]) / 6 if name in space.numel else 0
-    dyn = torch.zeros(len(configs), len(graph.names), len(METHODS) + 3)
+    methods = space.methods
+    dyn = torch.zeros(len(configs), len(graph.names), len(methods) + 3)
     for c, config in enumerate(configs):
         for i, name in enumerate(graph.names):
             if name not in unit_of:
                 continue
             o = config[unit_of[name]]
-            dyn[c, i, METHODS.index(o.method)] = 1
+            dyn[c, i, methods.index(o.method)] = 1
             dyn[c, i, -3] = o.bits / 4
             dyn[c, i, -2] = 32 / space.layer_bits[name][o.key] / 16
             dyn[c, i, -1] = math.log10(max(space.rel_error[name][o.key], 1e-8)) / 4
@@ -167,7 +168,7 @@ def flat_features(space: SearchSpace, configs: list[dict[str, Option]]) -> np.nd
         row = []
         for u in space.units:
             o = c[u]
-            row += [o.bits] + [float(o.method == m) for m in METHODS]
+            row += [o.bits] + [float(o.method == m) for m in space.methods]
         rows.append(row)
     return np.asarray(rows, dtype=np.float64)
 

@@ -124,7 +124,8 @@ def _worker(args) -> None:
 
     torch.set_num_threads(1)
     model, scheduler = dq.load(model_name)[:2]
-    space = SearchSpace(model, cache_dir=cache_dir).build(progress=False)
+    options = sorted({o for c in configs for o in c.values()})  # the cache has them all (built beforehand)
+    space = SearchSpace(model, options=options or None, cache_dir=cache_dir).build(progress=False)
     label_all(Labeler(space, scheduler, cfg), configs, out_dir, progress=rank == 0)
 
 

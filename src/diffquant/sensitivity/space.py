@@ -7,7 +7,10 @@ choice: `tied_units`). Options are the paper's methods at 2, 3 and 4 bits:
 
 - `uaq`: per-output-channel asymmetric uniform with the clipping ratio chosen by an Lp search;
 - `kmeans-c`: k-means with 2^b centroids per output channel;
-- `kmeans-a`: one k-means over the whole tensor.
+- `kmeans-a`: one k-means over the whole tensor;
+
+and, on request, AQUATIC-Diff's additive codebooks (`aq`, the layer's (M, B, g) chosen within b
+effective bits, KAQ on k x k convolutions, no fine-tuning), which need calibration data.
 
 Every option of every layer is quantized once (`SearchSpace.build`) and kept on disk, one file per
 layer, so an interrupted build resumes and every later configuration is assembled by swapping
@@ -31,7 +34,8 @@ from diffquant.formats.base import QuantizedWeight
 from diffquant.io_utils import atomic_path
 from diffquant.nn.swap import quantizable_layers
 
-METHODS = ("uaq", "kmeans-c", "kmeans-a")
+PAPER_METHODS = ("uaq", "kmeans-c", "kmeans-a")
+METHODS = (*PAPER_METHODS, "aq")
 BITS = (2, 3, 4)
 
 
@@ -56,12 +60,14 @@ class Option:
         return cls(method, int(bits))
 
     def weight_config(self) -> WeightConfig:
+        if self.method == "aq":
+            return WeightConfig("aq", target_bits=float(self.bits))
         if self.method == "uaq":
             return WeightConfig("uniform", self.bits, clip="lp")
         return WeightConfig("kmeans", self.bits, scope="channel" if self.method == "kmeans-c" else "tensor")
 
 
-def all_options(bits=BITS, methods=METHODS) -> list[Option]:
+def all_options(bits=BITS, methods=PAPER_METHODS) -> list[Option]:
     return [Option(m, b) for b in bits for m in methods]
 
 
@@ -75,18 +81,22 @@ def tied_units(layer_names: list[str]) -> dict[str, list[str]]:
     return units
 
 
-def _quantize(weight: torch.Tensor, option: Option, name: str) -> QuantizedWeight:
-    from diffquant.quantize import quantize_weight
+def _quantize(mod: nn.Module, option: Option, name: str, calib, search) -> QuantizedWeight:
+    from diffquant.quantize import quantize_layer_weight
 
-    return quantize_weight(weight, option.weight_config().to_spec(), name)
+    return quantize_layer_weight(name, mod, option.weight_config(), calib, search)[0]
 
 
 class SearchSpace:
-    """Every option of every weight layer of `model`; `cache_dir` keeps one file per layer."""
+    """Every option of every weight layer of `model`; `cache_dir` keeps one file per layer. `calib`
+    (from `diffquant.calibrate.collect`) is needed only to build `aq` options not yet cached, with
+    `search` (an `AQSearch`; the default's when None) as `quantize_` would use it."""
 
-    def __init__(self, model: nn.Module, options: list[Option] | None = None, cache_dir: str | Path | None = None):
+    def __init__(self, model: nn.Module, options: list[Option] | None = None, cache_dir: str | Path | None = None,
+                 calib=None, search=None):
         self.model = model
         self.options = options or all_options()
+        self.calib, self.search = calib, search
         self.layers = list(quantizable_layers(model))
         if not self.layers:
             raise ValueError("the model has no Linear or Conv2d layer to quantize")
@@ -97,23 +107,32 @@ class SearchSpace:
         self.rel_error: dict[str, dict[str, float]] = {}
         self.layer_bits: dict[str, dict[str, float]] = {}
 
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods among the options, in `METHODS` order (the predictors' one-hot columns)."""
+        present = {o.method for o in self.options}
+        return tuple(m for m in METHODS if m in present)
+
     def build(self, progress: bool = True) -> SearchSpace:
-        """Quantizes every layer with every option (or loads the layer's file from the cache)."""
+        """Quantizes every layer with every option, or takes it from the layer's cache file (which
+        keeps every option ever built for the layer, so adding options computes only those)."""
+        missing_aq = [o.key for o in self.options if o.method == "aq"]
         for name in tqdm(self.layers, desc="search space", disable=not progress):
             path = self.cache_dir / f"{name}.pt" if self.cache_dir is not None else None
-            keys = [o.key for o in self.options]
-            if path is not None and path.exists():
-                stored = torch.load(path, weights_only=False)
-                if stored["keys"] == keys:
-                    self._keep(name, stored["weights"])
-                    continue
-            w = self.model.get_submodule(name).weight.detach().float()
-            weights = {o.key: _quantize(w, o, name) for o in self.options}
-            if path is not None:
+            stored = torch.load(path, weights_only=False)["weights"] if path is not None and path.exists() else {}
+            todo = [o for o in self.options if o.key not in stored]
+            if any(o.method == "aq" for o in todo) and self.calib is None:
+                raise ValueError(f"options {missing_aq} are additive (AQ) and not cached for layer {name!r}: "
+                                 "building them needs calibration data. Fix: SearchSpace(model, options, cache_dir, "
+                                 "calib=diffquant.calibrate.collect(model, scheduler)).")
+            mod = self.model.get_submodule(name)
+            for o in todo:
+                stored[o.key] = _quantize(mod, o, name, self.calib, self.search)
+            if todo and path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_path(path) as tmp:
-                    torch.save({"keys": keys, "weights": weights}, tmp)
-            self._keep(name, weights)
+                    torch.save({"keys": list(stored), "weights": stored}, tmp)
+            self._keep(name, {o.key: stored[o.key] for o in self.options})
         return self
 
     def _keep(self, name: str, weights: dict[str, QuantizedWeight]) -> None:
