@@ -115,7 +115,7 @@ def _rows_table(rows: list[dict], cols: list[str]) -> str:
 
 
 def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    return f"{v:.4g}" if isinstance(v, float) else "-" if v is None else str(v)
 
 
 def _provenance_line(doc: dict) -> str:
@@ -168,8 +168,9 @@ def _sensitivity_section(res: Path, doc: dict) -> str:
             + _rows_table(preds, ["predictor", "spearman", "ndcg10"])
             + (f"<p>label check: {html.escape(json.dumps(check))}</p>" if check else "")
             + "<h3>recipes</h3>" + _rows_table(recs, list(recs[0]) if recs else [])
-            + ("<h3>candidates at each target (predicted by the GNN ensemble, measured by the label; the "
-               "lowest measured is the recipe)</h3>" + _rows_table(cands, list(cands[0])) if cands else "")
+            + ("<h3>candidates at each target (predicted by the GNN ensemble, '-' for candidates with AQ "
+               "options, which it never saw; measured by the label; the lowest measured is the recipe)</h3>"
+               + _rows_table(cands, list(cands[0])) if cands else "")
             + "<h3>uniform configurations</h3>" + _rows_table(uni, list(uni[0]) if uni else [])
             + f"<div class='grids'>{imgs}</div>")
 
