@@ -5,7 +5,7 @@ import torch
 
 import diffquant as dq
 from diffquant.accounting import bit_report
-from diffquant.methods.aquatic import AQSearch
+from diffquant.methods.aquatic import AQSearch, layer_rows
 from diffquant.sensitivity.space import Option, SearchSpace, all_options, tied_units
 
 
@@ -77,6 +77,14 @@ def test_aq_options_need_calibration_then_join_the_cache_and_reproduce_as_a_reci
     full = SearchSpace(tiny_unet, with_aq, cache_dir=tmp_path, calib=calib, search=fast).build(progress=False)
     assert torch.equal(full.table[name]["uaq-3"].dequantize(), before)  # the cached option is kept, not rebuilt
     assert full.methods == ("uaq", "aq")
+    errs = full.measure_output_error(calib)  # against the layer's own calibration outputs
+    mod = tiny_unet.get_submodule(name)
+    rows = torch.cat([layer_rows(mod, x) for x in calib.inputs[name]]).double()
+    w = mod.weight.detach().double().reshape(mod.weight.shape[0], -1)
+    for k in ("uaq-3", "aq-3"):
+        e = full.table[name][k].dequantize().double().reshape(w.shape) - w
+        direct = float((rows @ e.T).pow(2).sum() / (rows @ w.T).pow(2).sum())
+        assert errs[name][k] == pytest.approx(direct, rel=0.05)  # the Gram's 1% damping aside
     again = SearchSpace(tiny_unet, with_aq, cache_dir=tmp_path).build(progress=False)  # all cached: no calib needed
     config = {u: with_aq[i % 2] for i, u in enumerate(full.units)}
     applied = full.apply(full.quantized_model(), config)

@@ -102,8 +102,8 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
     def error_cost(cs):
         return summed_error(space, cs)
 
-    def full_error(cs):
-        return summed_error(full, cs)
+    def full_error(cs):  # AQ's weight-space error says nothing of its outputs: compare outputs
+        return summed_error(full, cs, full.out_error)
 
     for tb in target_bits:
         candidates = {"lagrangian": recipe_for_bits(space, scores, tb, graph, cv["models"], weights)[0]}
@@ -151,17 +151,17 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
 
 def _with_extra_methods(space: SearchSpace, model, scheduler, methods: tuple[str, ...], cache_dir: Path,
                         progress: bool) -> SearchSpace:
-    """The search space with `methods` added at every width (AQ options need calibration data, collected
-    here as the quantization benchmarks collect it, so that a recipe re-quantizes to the same weights)."""
+    """The search space with `methods` added at every width, and every option's output error measured
+    (`SearchSpace.measure_output_error`). AQ options need calibration data, collected here as the
+    quantization benchmarks collect it, so that a recipe re-quantizes to the same weights."""
     if not methods:
         return space
     from diffquant.calibration.collect import collect
 
-    extra = all_options(methods=methods)
-    built = all((cache_dir / f"{n}.pt").exists() and {o.key for o in extra} <= set(
-        torch.load(cache_dir / f"{n}.pt", weights_only=False)["keys"]) for n in space.layers)
-    calib = None if built else collect(model, scheduler, n=64, steps=20, progress=progress)
-    return SearchSpace(model, options=space.options + extra, cache_dir=cache_dir, calib=calib).build(progress=progress)
+    calib = collect(model, scheduler, n=64, steps=20, progress=progress)
+    full = SearchSpace(model, options=space.options + all_options(methods=methods), cache_dir=cache_dir, calib=calib)
+    full.build(progress=progress).measure_output_error(calib)
+    return full
 
 
 def _descent_bases(space: SearchSpace, uniform_labels: dict[str, dict], target_bits: float) -> list[Option]:

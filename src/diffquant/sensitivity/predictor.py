@@ -173,10 +173,12 @@ def flat_features(space: SearchSpace, configs: list[dict[str, Option]]) -> np.nd
     return np.asarray(rows, dtype=np.float64)
 
 
-def summed_error(space: SearchSpace, configs: list[dict[str, Option]]) -> np.ndarray:
-    """The zero-training predictor: the configuration's per-layer relative errors, summed."""
-    return np.asarray([sum(space.rel_error[n][c[u].key] for u, ls in space.units.items() for n in ls)
-                       for c in configs])
+def summed_error(space: SearchSpace, configs: list[dict[str, Option]],
+                 errors: dict[str, dict[str, float]] | None = None) -> np.ndarray:
+    """The zero-training predictor: the configuration's per-layer relative errors (`errors`, by
+    default the weight-space `space.rel_error`), summed."""
+    errors = errors or space.rel_error
+    return np.asarray([sum(errors[n][c[u].key] for u, ls in space.units.items() for n in ls) for c in configs])
 
 
 def target_of(labels: list[dict], key: str = "fid_to_fp") -> np.ndarray:
