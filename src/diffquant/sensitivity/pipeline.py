@@ -142,7 +142,8 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
            "heldout": {"pred": [float(v) for v in cv["heldout"]], "true": [float(v) for v in y]},
            "labels": [_brief(by_key[config_key(c)]) for c in rand],
            "uniform": {k: _brief(lab) for k, lab in uni_labels.items()},
-           "unit_scores": scores, "sensitivity": sens, "roles": {u: layer_role(u) for u in space.units},
+           "option_errors": _option_errors(full), "unit_scores": scores,
+           "sensitivity": sens, "roles": {u: layer_role(u) for u in space.units},
            "blocks": _unit_blocks(space, graph), "recipes": recipes, **provenance()}
     write_json(out / "sensitivity.json", doc)
     plot(doc, out)
@@ -162,6 +163,16 @@ def _with_extra_methods(space: SearchSpace, model, scheduler, methods: tuple[str
     full = SearchSpace(model, options=space.options + all_options(methods=methods), cache_dir=cache_dir, calib=calib)
     full.build(progress=progress).measure_output_error(calib)
     return full
+
+
+def _option_errors(space: SearchSpace) -> dict[str, dict[str, float]]:
+    """option -> median over the layers of its relative weight error and (when measured) output error."""
+    out = {}
+    for o in space.options:
+        out[o.key] = {"weight": float(np.median([space.rel_error[n][o.key] for n in space.layers]))}
+        if space.out_error:
+            out[o.key]["output"] = float(np.median([space.out_error[n][o.key] for n in space.layers]))
+    return out
 
 
 def _descent_bases(space: SearchSpace, uniform_labels: dict[str, dict], target_bits: float) -> list[Option]:
