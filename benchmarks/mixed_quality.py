@@ -89,9 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     size = args.size if args.n is None else f"n{n}"
     t0 = time.time()
     out = RESULTS / f"quality-{size}-{args.model}-mixed.json"
-    if args.redo and out.exists():
+    if args.redo and out.exists():  # the old rows of the re-measured recipes are kept, marked, out of the tables
         old = json.loads(out.read_text())
         stale = {m for name in mixed for m in (name, name + tag)}
+        gone = [r for r in old["rows"] if Path(r["method"]).stem in stale]
+        for r in gone:
+            r.pop("grid", None)  # the new row's grid takes the file name
+            r["superseded"] = ("re-measured with --redo after benchmarks/sensitivity.py rewrote the recipe; this row "
+                               f"was measured at commit {old.get('commit', '?')} or earlier")
+        old.setdefault("superseded_rows", []).extend(gone)
         old["rows"] = [r for r in old["rows"] if Path(r["method"]).stem not in stale]
         write_json(out, old)
     rows = run_quality([args.model], methods, n, out, size=size)["rows"]
