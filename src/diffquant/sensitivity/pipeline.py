@@ -105,6 +105,15 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
     def full_error(cs):  # AQ's weight-space error says nothing of its outputs: compare outputs
         return summed_error(full, cs, full.out_error)
 
+    # the same, each unit's error weighted by its sensitivity from the predictors (floored at a twentieth
+    # of the largest): the plain sum treats a fragile ResNet convolution like a tolerant projection
+    floor = 0.05 * max(max(sens.values()), 1e-6)
+    unit_weight = {u: max(v, floor) for u, v in sens.items()}
+
+    def weighted_error(cs):
+        return np.asarray([sum(unit_weight[u] * sum(full.out_error[n][c[u].key] for n in ls)
+                               for u, ls in full.units.items()) for c in cs])
+
     for tb in target_bits:
         candidates = {"lagrangian": recipe_for_bits(space, scores, tb, graph, cv["models"], weights)[0]}
         for base in _descent_bases(space, uni_labels, tb):
@@ -116,8 +125,11 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
             for base in _descent_bases(full, uni_labels, tb):
                 if base.method in settings.extra_methods:
                     candidates[f"descent-error-from-{base.key}"] = descend(full, base, tb, full_error)
-                candidates[f"descent-error-any-method+{'+'.join(settings.extra_methods)}-from-{base.key}"] = (
+                extra = "+".join(settings.extra_methods)
+                candidates[f"descent-error-any-method+{extra}-from-{base.key}"] = (
                     descend(full, base, tb, full_error, True))
+                candidates[f"descent-weighted-error-any-method+{extra}-from-{base.key}"] = (
+                    descend(full, base, tb, weighted_error, True))
         got = label_parallel(model_name, cache / "space", list(candidates.values()), label_dir,
                              LabelConfig(n=settings.n), workers=settings.workers)
         measured = {g["key"]: g for g in got}
