@@ -77,6 +77,8 @@ def main() -> int:
         section("FP with other noise (seeds 10,000+): the seed-to-seed noise of each metric, U-Net",
                 ["quality-quick-fp-seed10000.json"], "mnist-unet"),
         section("FP with other noise, DiT", ["quality-quick-fp-seed10000.json"], "mnist-dit"),
+        section("FP with other noise, U-Net, full size (5,000 samples)", ["quality-full-fp-seed10000.json"],
+                "mnist-unet"),
     ]
     readme = ROOT / "README.md"
     text = readme.read_text()
