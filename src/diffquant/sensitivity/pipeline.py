@@ -111,8 +111,7 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
     unit_weight = {u: max(v, floor) for u, v in sens.items()}
 
     def weighted_error(cs):
-        return np.asarray([sum(unit_weight[u] * sum(full.out_error[n][c[u].key] for n in ls)
-                               for u, ls in full.units.items()) for c in cs])
+        return summed_error(full, cs, full.out_error, unit_weight)
 
     for tb in target_bits:
         candidates = {"lagrangian": recipe_for_bits(space, scores, tb, graph, cv["models"], weights)[0]}

@@ -174,11 +174,13 @@ def flat_features(space: SearchSpace, configs: list[dict[str, Option]]) -> np.nd
 
 
 def summed_error(space: SearchSpace, configs: list[dict[str, Option]],
-                 errors: dict[str, dict[str, float]] | None = None) -> np.ndarray:
+                 errors: dict[str, dict[str, float]] | None = None,
+                 unit_weight: dict[str, float] | None = None) -> np.ndarray:
     """The zero-training predictor: the configuration's per-layer relative errors (`errors`, by
-    default the weight-space `space.rel_error`), summed."""
-    errors = errors or space.rel_error
-    return np.asarray([sum(errors[n][c[u].key] for u, ls in space.units.items() for n in ls) for c in configs])
+    default the weight-space `space.rel_error`), summed, each unit's optionally scaled by `unit_weight`."""
+    errors = space.rel_error if errors is None else errors
+    return np.asarray([sum((1.0 if unit_weight is None else unit_weight[u]) * sum(errors[n][c[u].key] for n in ls)
+                           for u, ls in space.units.items()) for c in configs])
 
 
 def target_of(labels: list[dict], key: str = "fid_to_fp") -> np.ndarray:
