@@ -59,3 +59,9 @@ def test_descent_spares_the_costly_unit_and_stops_at_the_target(tiny_dit):
         descend(space, base, 1.0, cost)
     mixed = descend(space, base, 3.0, cost, any_method=True)  # may switch methods, still spares the unit
     assert space.effective_bits(mixed) <= 3.0 and mixed[SENSITIVE].bits == 4
+    # a fixed unit keeps its option even where lowering it would cost nothing
+    cheap = next(u for u in space.units if u != SENSITIVE)
+    pinned = next(o for o in space.options if o.key == "uaq-4")
+    for any_method in (False, True):
+        held = descend(space, base, 3.0, lambda cs: np.zeros(len(cs)), any_method, fixed={cheap: pinned})
+        assert held[cheap] == pinned and space.effective_bits(held) <= 3.0

@@ -91,22 +91,26 @@ def _unit_bits(space: SearchSpace, unit: str, option: Option) -> float:
 
 
 def descend(space: SearchSpace, base: Option, target_bits: float,
-            cost: Callable[[list[dict[str, Option]]], np.ndarray], any_method: bool = False) -> dict[str, Option]:
+            cost: Callable[[list[dict[str, Option]]], np.ndarray], any_method: bool = False,
+            fixed: dict[str, Option] | None = None) -> dict[str, Option]:
     """From every unit at `base`, change one unit per step, each time the change with the least
     increase in `cost` (lower is better) per effective bit saved, until the configuration is within
     `target_bits`. A change lowers the unit one width in its method, or, with `any_method`, takes any
-    option that stores fewer bits for it (a cheaper option that also costs less goes first)."""
-    config = {u: base for u in space.units}
+    option that stores fewer bits for it (a cheaper option that also costs less goes first). Units in
+    `fixed` keep the option given there throughout (e.g. the first and last layer at 8 bits)."""
+    fixed = fixed or {}
+    config = {u: fixed.get(u, base) for u in space.units}
     if space.effective_bits(config) <= target_bits:
         return config
     now_cost = float(cost([config])[0])
     now_bits = space.effective_bits(config)
     while now_bits > target_bits:
         if any_method:
-            moves = [{**config, u: p} for u, o in config.items() for p in space.options
+            moves = [{**config, u: p} for u, o in config.items() if u not in fixed for p in space.options
                      if _unit_bits(space, u, p) < _unit_bits(space, u, o)]
         else:
-            moves = [{**config, u: _lower(space, o)} for u, o in config.items() if _lower(space, o) is not None]
+            moves = [{**config, u: _lower(space, o)} for u, o in config.items()
+                     if u not in fixed and _lower(space, o) is not None]
         if not moves:
             raise ValueError(f"target {target_bits} bits is below every configuration reachable from "
                              f"{base.key} ({now_bits:.3f} bits at the lowest width)")
