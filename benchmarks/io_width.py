@@ -24,6 +24,11 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
+def _rel(path: Path) -> Path:
+    """`path` relative to the working directory where it lies below it: row names carry no machine's paths."""
+    return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mnist-unet")
@@ -100,12 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         space.to_recipe(configs[best], name).to_json(rec_dir / f"{name}.json")
         out["picked"][name] = {"from": best, "config": config_to_json(configs[best]), "label": out["labels"][best]}
     if args.size:
-        rel = rec_dir.relative_to(Path.cwd()) if rec_dir.is_relative_to(Path.cwd()) else rec_dir
-        srel = sens_dir.relative_to(Path.cwd()) if sens_dir.is_relative_to(Path.cwd()) else sens_dir
         shipped = [f"{args.model}-mp{tb:g}" for tb in targets if f"{args.model}-mp{tb:g}" in doc["recipes"]]
         uniform = [f"{args.model}-uniform-{o.key}" for o in top]
-        methods = (["fp"] + [str(srel / f"{n}.json") for n in shipped + uniform]
-                   + [str(rel / f"{n}.json") for n in out["picked"]])
+        methods = (["fp"] + [str(_rel(sens_dir) / f"{n}.json") for n in shipped + uniform]
+                   + [str(_rel(rec_dir) / f"{n}.json") for n in out["picked"]])
         rows_file = RESULTS / f"quality-{args.size}-{args.model}-mixed.json"
         rows = run_quality([args.model], methods, SIZES[args.size], rows_file, size=args.size)["rows"]
         by = {Path(r["method"]).stem: r for r in rows if r["method"] in methods and r["method"] != "fp"}
