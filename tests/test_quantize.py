@@ -125,6 +125,13 @@ def test_aq_resumes_from_finished_layers(tiny_dit, scheduler, tmp_path):
     searched = [e for e in again.dq_aq_log.values() if "fallback" not in e]
     assert searched and all(e.get("resumed") for e in searched)
     assert torch.equal(_eps(first), _eps(again))
+    # another budget gives other settings; its layers are searched and kept beside the first budget's
+    other = dq.quantize_(copy.deepcopy(tiny_dit), dq.AQConfig(2.0, act_bits=None), calib=calib, search=fast,
+                         resume_dir=tmp_path / "layers")
+    assert not any(e.get("resumed") for e in other.dq_aq_log.values() if "fallback" not in e)
+    third = dq.quantize_(copy.deepcopy(tiny_dit), dq.AQConfig(3.0, act_bits=None), calib=calib, search=fast,
+                         resume_dir=tmp_path / "layers")
+    assert all(e.get("resumed") for e in third.dq_aq_log.values() if "fallback" not in e)
 
 
 def test_aq_without_calibration_says_how_to_fix(tiny_dit):

@@ -156,6 +156,7 @@ SEMI_PV = PVConfig()  # P and V steps, both momentum-invalidation rules
 # What the AQ recipes use: P steps only, with SeMI's timestep-jump rule. The V step (code moves) was
 # measured to hurt or not help on both zoo models at 2 and 4 bits (benchmarks/pv_variants.py).
 SEMI_P = PVConfig(v_every=0)
+SEMI_P_LONG = PVConfig(v_every=0, steps=900, trajectories=128)  # the same, 3x the steps on 2x the data
 
 
 RECON_SETTINGS = ((4, 8), (3, 8), (3, 6))
@@ -202,6 +203,9 @@ RECIPES: dict[str, QuantConfig] = {
         # start; benchmarks/results/pv-variants-*.json).
         *[_aq(f"aq-w{b:g}a8", b, 8) for b in (4, 3, 2, 1.5)],
         *[_aq(f"aq-w{b:g}a16", b, None) for b in (4, 3, 2, 1.5)],
+        # longer distillation: 3x the steps on 2x the FP trajectories (DiT W4A8 at 1,000 samples: FID-to-FP
+        # 0.017 against the recipe's 0.031; benchmarks/results/quality-quick-mnist-dit-pairs.json)
+        *[_aq(f"aq-w{b:g}a8-long", b, 8, finetune=SEMI_P_LONG) for b in (4, 2)],
         # ablations: without fine-tuning, full SeMI-PV (with V steps), plain PV (V steps, no momentum
         # invalidation), flat groups on convolutions instead of kernel slices (KAQ), one budget per layer
         # instead of LAQ

@@ -225,7 +225,8 @@ def _aq_fits(wc: WeightConfig, mod: nn.Module) -> bool:
 def _aq_layer(name: str, mod: nn.Module, wc: WeightConfig, calib: CalibrationData, search: AQSearch,
               resume_dir: str | Path | None) -> tuple[AdditiveWeight, dict]:
     spec = wc.aq_spec(tuple(mod.weight.shape))
-    done = Path(resume_dir) / f"{name}.safetensors" if resume_dir else None
+    # one file per layer and setting, so recipes that give a layer different settings keep each other's work
+    done = Path(resume_dir) / f"{name}.{spec.label}.safetensors" if resume_dir else None
     if done is not None and done.exists():
         from safetensors import safe_open
 

@@ -32,7 +32,7 @@ def _close(y, ref):
 @needs_lut
 @pytest.mark.parametrize("tokens", [1, 3, 4, 7, 16, 17, 100])
 @pytest.mark.parametrize("out,in_flat,m,bits,g", [(37, 48, 2, 8, 8), (5, 72, 1, 4, 8), (129, 36, 3, 10, 9),
-                                                  (64, 40, 2, 6, 5), (1, 16, 1, 1, 16)])
+                                                  (64, 40, 2, 6, 5), (1, 16, 1, 1, 16), (33, 26, 1, 7, 2)])
 def test_lut_linear_equals_reference(tokens, out, in_flat, m, bits, g):
     gen = torch.Generator().manual_seed(tokens * 1000 + out)
     cb, codes, scale = _random_aq(out, in_flat, m, bits, g, gen)

@@ -11,6 +11,7 @@ from diffquant.methods.aquatic import (
     gram,
     init_additive,
     quantize_layer,
+    rate_bits,
     relative_error,
 )
 
@@ -68,6 +69,16 @@ def test_choose_spec_respects_the_budget_and_explains_when_it_cannot():
     assert choose_spec((128, 128, 3, 3), 2.0, kernel_aware=False).group in (4, 8, 16)
     with pytest.raises(ValueError, match="no additive setting fits"):
         choose_spec((4, 8), 1.0)
+
+
+def test_choose_spec_prefers_one_codebook_on_short_codewords_but_not_on_kernel_slices():
+    # a 4-bit budget on a 128 x 128 linear: 3x5 on quadruples has more code bits (3.75) than 1x7 on
+    # pairs (3.5), but two extra codebooks cost half a rate bit, so the single codebook on pairs wins
+    assert rate_bits(AdditiveSpec(3, 5, 4)) == 3.25 and rate_bits(AdditiveSpec(1, 7, 2)) == 3.5
+    assert choose_spec((128, 128), 4.0) == AdditiveSpec(1, 7, 2)
+    # kernel slices keep the plain code-bit count: several small codebooks stay allowed
+    assert rate_bits(AdditiveSpec(6, 4, 9)) == AdditiveSpec(6, 4, 9).code_bits_per_weight
+    assert choose_spec((64, 32, 3, 3), 4.0).codebooks > 1
 
 
 def test_group_that_does_not_divide_is_a_clear_error():

@@ -38,6 +38,11 @@ class AdditiveSpec:
             raise ValueError(f"group (codeword length g) must be in 1..64, got {self.group}")
 
     @property
+    def label(self) -> str:
+        """M x B g: `2x8g8` is two codebooks of 2^8 codewords of 8 weights."""
+        return f"{self.codebooks}x{self.bits}g{self.group}"
+
+    @property
     def code_bits_per_weight(self) -> float:
         return self.codebooks * self.bits / self.group
 

@@ -101,6 +101,7 @@ template <int TT>
 inline void build_any(const float* xtile, const float* cb, int64_t M, int64_t K, int64_t g, int64_t j0, int64_t j1,
                       float* lut) {
   switch (g) {
+    case 2: return build_block<TT, 2>(xtile, cb, M, K, g, j0, j1, lut);
     case 4: return build_block<TT, 4>(xtile, cb, M, K, g, j0, j1, lut);
     case 8: return build_block<TT, 8>(xtile, cb, M, K, g, j0, j1, lut);
     case 9: return build_block<TT, 9>(xtile, cb, M, K, g, j0, j1, lut);

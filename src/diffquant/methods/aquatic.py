@@ -256,22 +256,41 @@ def quantize_layer(weight: torch.Tensor, h: torch.Tensor, spec: AdditiveSpec, se
 # choosing (M, B, g) for a layer under an effective-bit budget
 
 
+# On short codewords (2-4 weights) each codebook beyond the first is worth about a quarter of a code
+# bit less than a single codebook spending the same bits. Measured on the zoo models' layers with real
+# Gram matrices (benchmarks/aq_settings.py): 1x7 on pairs (3.5 code bits) beat 3x5 on quadruples
+# (3.75), and 1x6 on pairs beat 2x6 on quadruples; the picks on linear and 1x1 layers at 3-4 bits have
+# 0.48-0.67x the error of the plain code-bit count's (geometric means). On 9-long kernel slices the
+# same allowance was mixed (0.97-1.14x), so longer codewords keep the plain count.
+EXTRA_CODEBOOK_BITS = 0.25
+
+
+def rate_bits(spec: AdditiveSpec) -> float:
+    """Code bits per weight, less EXTRA_CODEBOOK_BITS per codebook beyond the first on codewords of at
+    most 4 weights: the figure the setting's error follows (each rate bit quarters it), used to rank
+    settings and in LAQ's error model."""
+    penalty = EXTRA_CODEBOOK_BITS * (spec.codebooks - 1) if spec.group <= 4 else 0.0
+    return spec.code_bits_per_weight - penalty
+
+
 def spec_options(shape: tuple[int, ...], kernel_aware: bool = True, max_codebooks: int = 8,
                  bits: tuple[int, ...] = (4, 5, 6, 7, 8, 9, 10, 11, 12)) -> list[AdditiveSpec]:
     """The settings considered for a layer: codeword length k*k for a k x k convolution when kernel-aware
-    (KAQ), else 4, 8 or 16 consecutive inputs (those that divide the row)."""
+    (KAQ), else 2, 4, 8 or 16 consecutive inputs (those that divide the row). Pairs matter on small
+    layers, where a codebook of long codewords costs a large share of the budget."""
     d = math.prod(shape[1:])
     ksz = math.prod(shape[2:]) if len(shape) == 4 else 1
-    groups = [ksz] if kernel_aware and ksz > 1 else [g for g in (4, 8, 16) if d % g == 0]
+    groups = [ksz] if kernel_aware and ksz > 1 else [g for g in (2, 4, 8, 16) if d % g == 0]
     return [AdditiveSpec(m, b, g) for g in groups for m in range(1, max_codebooks + 1) for b in bits
             if (shape[0] * d // g) >= 1]
 
 
 def choose_spec(shape: tuple[int, ...], target_bits: float, kernel_aware: bool = True,
                 max_codebooks: int = 8) -> AdditiveSpec:
-    """The setting with the most code bits per weight whose effective bits (codes + fp16 codebooks +
-    fp16 scales) stay within `target_bits`; ties go to fewer, larger codebooks (AQLM's finding: one
-    big codebook beats several small ones at equal bits), then to the longer codeword."""
+    """The setting with the most rate bits (code bits, less a measured allowance per extra codebook)
+    whose effective bits (codes + fp16 codebooks + fp16 scales) stay within `target_bits`; ties go to
+    fewer, larger codebooks (AQLM's finding: one big codebook beats several small ones at equal bits),
+    then to the longer codeword."""
     out, d = shape[0], math.prod(shape[1:])
     fits = [s for s in spec_options(shape, kernel_aware, max_codebooks) if s.effective_bits(out, d) <= target_bits]
     if not fits:
@@ -279,4 +298,4 @@ def choose_spec(shape: tuple[int, ...], target_bits: float, kernel_aware: bool =
         raise ValueError(f"no additive setting fits {target_bits} bits for a layer of shape {tuple(shape)} "
                          f"(the cheapest, {cheapest}, takes {cheapest.effective_bits(out, d):.2f}). "
                          "Fix: a higher target, or keep the layer in another format.")
-    return max(fits, key=lambda s: (round(s.code_bits_per_weight, 6), -s.codebooks, s.group))
+    return max(fits, key=lambda s: (round(rate_bits(s), 6), -s.codebooks, s.group))

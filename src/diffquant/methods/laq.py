@@ -10,7 +10,8 @@ settings, so the allocation uses a measured sensitivity and a rate-distortion mo
    the layer's own Gram-weighted relative weight error gives `sens`: output error per unit of
    layer error, which captures where the layer sits (a time-embedding projection and an early
    convolution of equal weight error hurt differently).
-2. **Model.** A setting with c code bits per weight leaves a layer error of about e2 * 4^-(c - 2) (each
+2. **Model.** A setting with c rate bits per weight (code bits, less a quarter bit per codebook beyond
+   the first: `aquatic.rate_bits`) leaves a layer error of about e2 * 4^-(c - 2) (each
    extra bit quarters the mean-squared error), e2 the 2-bit error; the predicted output error is
    sens * e2 * 4^-(c - 2). Keeping a layer at 8-bit uniform counts as c = 8.
 3. **Allocation.** Greedy on the marginal ratio: start every layer at its cheapest setting, then
@@ -31,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from diffquant.formats import UniformSpec, UniformWeight
-from diffquant.methods.aquatic import choose_spec, gram, relative_error
+from diffquant.methods.aquatic import choose_spec, gram, rate_bits, relative_error
 
 BUDGETS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0)  # per-layer effective-bit budgets tried
 
@@ -40,7 +41,7 @@ BUDGETS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0)  # per-layer
 class Option:
     budget: float  # 0.0: 8-bit uniform
     eff_bits: float
-    code_bits: float
+    rate_bits: float  # aquatic.rate_bits (code bits less the extra-codebook allowance); 8 for uniform w8
 
 
 def layer_options(shape: tuple[int, ...], kernel_aware: bool = True) -> list[Option]:
@@ -55,7 +56,7 @@ def layer_options(shape: tuple[int, ...], kernel_aware: bool = True) -> list[Opt
         if s in seen:
             continue
         seen.add(s)
-        opts.append(Option(b, s.effective_bits(out, d), s.code_bits_per_weight))
+        opts.append(Option(b, s.effective_bits(out, d), rate_bits(s)))
     opts.append(Option(0.0, 8 + 24 / d, 8.0))  # uniform w8: codes + an fp16 scale and 8-bit zero per row
     return sorted(opts, key=lambda o: o.eff_bits)
 
@@ -94,7 +95,7 @@ def allocate(shapes: dict[str, tuple[int, ...]], sens: dict[str, dict], target_b
     e2 = {n: sens[n]["sens"] * sens[n]["layer_error"] for n in shapes}
 
     def pred(n: str, o: Option) -> float:
-        return e2[n] * 4.0 ** (-(o.code_bits - 2.0))
+        return e2[n] * 4.0 ** (-(o.rate_bits - 2.0))
 
     pick = {n: 0 for n in shapes}
     budget = target_bits * (sum(size.values()) + fixed_weights) - fixed_bits
