@@ -37,6 +37,8 @@ def _header(docs: list[dict], names: list[str]) -> str:
 def section(title: str, files: list[str], model: str) -> str:
     docs = [json.loads((RESULTS / f).read_text()) for f in files if (RESULTS / f).exists()]
     names = [f for f in files if (RESULTS / f).exists()]
+    if not docs:
+        return ""
     rows = sorted([r for d in docs for r in d["rows"] if r["model"] == model], key=_key)
     return f"**{title}**: {_header(docs, names)}\n\n{table(rows)}\n"
 
@@ -73,6 +75,14 @@ def main() -> int:
         section("U-Net, quick size (1,000 samples)", ["quality-quick-mnist-unet.json"], "mnist-unet"),
         section("DiT, quick size (1,000 samples)", ["quality-quick-mnist-dit.json", "quality-quick-mnist-dit-aq.json"],
                 "mnist-dit"),
+        section("AQ recipes after the (M, B, g) rule change (pairs, one codebook preferred; "
+                "`benchmarks/aq_settings.py`), DiT, full size", ["quality-full-mnist-dit-pairs.json"], "mnist-dit"),
+        section("AQ recipes after the (M, B, g) rule change, U-Net, full size",
+                ["quality-full-mnist-unet-pairs.json"], "mnist-unet"),
+        section("AQ recipes after the (M, B, g) rule change, U-Net, quick size",
+                ["quality-quick-mnist-unet-pairs.json"], "mnist-unet"),
+        section("AQ recipes after the (M, B, g) rule change, DiT, quick size",
+                ["quality-quick-mnist-dit-pairs.json"], "mnist-dit"),
         accuquant_ratios("quality-quick-mnist-unet-accuquant.json", "mnist-unet"),
         section("FP with other noise (seeds 10,000+): the seed-to-seed noise of each metric, U-Net",
                 ["quality-quick-fp-seed10000.json"], "mnist-unet"),
