@@ -3,9 +3,11 @@ ranking rule picks, on real layers of the zoo models with their real calibration
 
 Three rules choose among the settings whose effective bits (codes, fp16 codebooks, fp16 scales) fit:
   - `code_bits`: the most code bits per weight (the rule before pairs and the per-codebook allowance);
-    codewords of 4, 8 or 16 inputs, or one kernel slice;
+    codewords of 4, 8 or 16 inputs, or one kernel slice (also on a convolution of one input channel,
+    where the slice is the whole filter);
   - `rate_bits` (diffquant's `choose_spec`): codewords of 2 inputs too, and on codewords of at most 4
-    weights each codebook beyond the first counts a quarter bit less (`aquatic.EXTRA_CODEBOOK_BITS`);
+    weights each codebook beyond the first counts a quarter bit less (`aquatic.EXTRA_CODEBOOK_BITS`),
+    and a one-input-channel convolution is grouped like a linear layer;
   - `rate_bits_all`: the same allowance on every codeword length, kernel slices included (the
     alternative the shipped rule was chosen against; only searched where it picks differently).
 Each picked setting is searched with the recipes' default search (`AQSearch()`), and its relative
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 
 from diffquant.bench import Protocol
+from diffquant.formats.additive import AdditiveSpec
 from diffquant.io_utils import write_json
 from diffquant.methods.aquatic import (
     EXTRA_CODEBOOK_BITS,
@@ -41,16 +44,25 @@ from diffquant.nn.swap import quantizable_layers
 from diffquant.provenance import provenance
 
 
-def _pick(shape: tuple[int, ...], budget: float, rank, pairs: bool = True):
-    """Of the settings that fit, the highest `rank`; ties to fewer codebooks then longer codewords."""
+def one_channel_conv(shape: tuple[int, ...]) -> bool:
+    return len(shape) == 4 and shape[1] == 1 and math.prod(shape[2:]) > 1
+
+
+def _pick(shape: tuple[int, ...], budget: float, rank, earlier: bool = False):
+    """Of the settings that fit, the highest `rank`; ties to fewer codebooks then longer codewords.
+    `earlier`: the options before pairs, and with one kernel slice on one-input-channel convolutions."""
     out, d = shape[0], math.prod(shape[1:])
-    fits = [s for s in spec_options(shape) if (pairs or s.group != 2) and s.effective_bits(out, d) <= budget]
+    if earlier and one_channel_conv(shape):
+        opts = [AdditiveSpec(m, b, d) for m in range(1, 9) for b in range(4, 13)]
+    else:
+        opts = [s for s in spec_options(shape) if not earlier or s.group != 2]
+    fits = [s for s in opts if s.effective_bits(out, d) <= budget]
     return max(fits, key=lambda s: (round(rank(s), 6), -s.codebooks, s.group)) if fits else None
 
 
 def code_bits_pick(shape: tuple[int, ...], budget: float):
-    """The earlier rule: most code bits, no pairs."""
-    return _pick(shape, budget, lambda s: s.code_bits_per_weight, pairs=False)
+    """The earlier rule: most code bits, no pairs, KAQ on every k x k convolution."""
+    return _pick(shape, budget, lambda s: s.code_bits_per_weight, earlier=True)
 
 
 def rate_bits_all_pick(shape: tuple[int, ...], budget: float):
@@ -70,11 +82,14 @@ def representative_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Per model, budget and kind of codeword (short: linear and 1x1, at most 16 inputs; kernel slice):
+    """Per model, budget and kind of layer (flat: linear and 1x1, codewords of at most 16 inputs;
+    kernel_slice: k x k convolutions; one_channel_conv: k x k of one input channel, a patch embedding):
     how many layers each rule changed, and the range and geometric mean of their error ratios."""
     out: dict = {}
     for r in rows:
-        kind = "kernel_slice" if len(r["shape"]) == 4 and math.prod(r["shape"][2:]) > 1 else "flat"
+        shape = tuple(r["shape"])
+        kind = ("one_channel_conv" if one_channel_conv(shape) else
+                "kernel_slice" if len(shape) == 4 and math.prod(shape[2:]) > 1 else "flat")
         for rule in ("rate_bits", "rate_bits_all"):
             ratio = r.get(f"error_ratio_{rule}_vs_code_bits")
             if ratio is None or r[rule]["spec"] == r["code_bits"]["spec"]:

@@ -120,7 +120,8 @@ IO_8BIT = {"@io": WeightConfig("uniform", 8)}
 class AQConfig:
     """AQUATIC-Diff as one object, for `diffquant.quantize_(model, AQConfig(...), calib=...)`.
 
-    Either a budget (`target_bits`: each layer gets the (M, B, g) with the most code bits whose
+    Either a budget (`target_bits`: each layer gets the (M, B, g) with the most rate bits, code bits
+    less an allowance per extra codebook on short codewords (`methods.aquatic.rate_bits`), whose
     effective bits, codebooks and scales included, fit) or a fixed setting (`codebooks` and `bits`,
     with `group` 0 meaning one kernel slice for k x k convolutions and 8 inputs otherwise)."""
 

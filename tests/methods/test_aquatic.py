@@ -13,6 +13,7 @@ from diffquant.methods.aquatic import (
     quantize_layer,
     rate_bits,
     relative_error,
+    spec_options,
 )
 
 
@@ -79,6 +80,16 @@ def test_choose_spec_prefers_one_codebook_on_short_codewords_but_not_on_kernel_s
     # kernel slices keep the plain code-bit count: several small codebooks stay allowed
     assert rate_bits(AdditiveSpec(6, 4, 9)) == AdditiveSpec(6, 4, 9).code_bits_per_weight
     assert choose_spec((64, 32, 3, 3), 4.0).codebooks > 1
+
+
+def test_one_channel_convolution_is_grouped_like_a_linear_layer():
+    # a 4x4 patch embedding of one channel: its only kernel slice is the whole filter, so KAQ would make
+    # each filter one codeword; it gets flat groups instead, while a 1-channel 3x3 (9 inputs, which no
+    # flat group divides) keeps its kernel slice
+    assert {s.group for s in spec_options((128, 1, 4, 4))} == {2, 4, 8, 16}
+    assert choose_spec((128, 1, 4, 4), 4.0).group < 16
+    assert {s.group for s in spec_options((32, 1, 3, 3))} == {9}
+    assert {s.group for s in spec_options((32, 4, 3, 3))} == {9}
 
 
 def test_group_that_does_not_divide_is_a_clear_error():

@@ -95,3 +95,23 @@ def test_aq_options_need_calibration_then_join_the_cache_and_reproduce_as_a_reci
                               search=fast)
     for n in full.layers:
         torch.testing.assert_close(via_recipe.get_submodule(n).dense_weight(), applied.get_submodule(n).dense_weight())
+
+
+def test_cached_aq_option_from_another_setting_rule_is_rebuilt(tiny_unet, scheduler, tmp_path):
+    from diffquant.formats.additive import AdditiveSpec, AdditiveWeight
+
+    options = [Option("aq", 3)]
+    calib = dq.collect(tiny_unet, scheduler, n=4, steps=3, batch_size=4, progress=False)
+    fast = AQSearch(beam=2, kmeans_iters=4, adam_steps=5, max_rounds=1)
+    space = SearchSpace(tiny_unet, options, cache_dir=tmp_path, calib=calib, search=fast).build(progress=False)
+    name = next(n for n in space.layers if isinstance(space.table[n]["aq-3"], AdditiveWeight))
+    current = space.table[name]["aq-3"].spec
+    # the cache as an earlier (M, B, g) rule would have left it: another setting under the same key
+    path = tmp_path / f"{name}.pt"
+    doc = torch.load(path, weights_only=False)
+    doc["weights"]["aq-3"].spec = AdditiveSpec(current.codebooks, current.bits + 1, current.group)
+    torch.save(doc, path)
+    with pytest.raises(ValueError, match="another"):
+        SearchSpace(tiny_unet, options, cache_dir=tmp_path).build(progress=False)
+    again = SearchSpace(tiny_unet, options, cache_dir=tmp_path, calib=calib, search=fast).build(progress=False)
+    assert again.table[name]["aq-3"].spec == current

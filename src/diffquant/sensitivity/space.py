@@ -30,6 +30,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from diffquant.config import QuantConfig, WeightConfig
+from diffquant.formats.additive import AdditiveWeight
 from diffquant.formats.base import QuantizedWeight
 from diffquant.io_utils import atomic_path
 from diffquant.nn.swap import quantizable_layers
@@ -81,6 +82,18 @@ def tied_units(layer_names: list[str]) -> dict[str, list[str]]:
     return units
 
 
+def _stale(stored: QuantizedWeight, option: Option, mod: nn.Module) -> bool:
+    """A cached `aq` option whose (M, B, g) is no longer what `choose_spec` picks for the layer (the
+    rule changed since it was built): it is rebuilt rather than mixed with fresh options."""
+    if option.method != "aq":
+        return False
+    try:
+        spec = option.weight_config().aq_spec(tuple(mod.weight.shape))
+    except ValueError:  # no setting fits: `quantize_layer_weight` falls back to uniform
+        spec = None
+    return (stored.spec if isinstance(stored, AdditiveWeight) else None) != spec
+
+
 def _quantize(mod: nn.Module, option: Option, name: str, calib, search) -> QuantizedWeight:
     from diffquant.quantize import quantize_layer_weight
 
@@ -121,12 +134,13 @@ class SearchSpace:
         for name in tqdm(self.layers, desc="search space", disable=not progress):
             path = self.cache_dir / f"{name}.pt" if self.cache_dir is not None else None
             stored = torch.load(path, weights_only=False)["weights"] if path is not None and path.exists() else {}
-            todo = [o for o in self.options if o.key not in stored]
+            mod = self.model.get_submodule(name)
+            todo = [o for o in self.options if o.key not in stored or _stale(stored[o.key], o, mod)]
             if any(o.method == "aq" for o in todo) and self.calib is None:
-                raise ValueError(f"options {missing_aq} are additive (AQ) and not cached for layer {name!r}: "
+                raise ValueError(f"options {missing_aq} are additive (AQ) and not cached (or cached with "
+                                 f"another (M, B, g) rule) for layer {name!r}: "
                                  "building them needs calibration data. Fix: SearchSpace(model, options, cache_dir, "
                                  "calib=diffquant.calibrate.collect(model, scheduler)).")
-            mod = self.model.get_submodule(name)
             for o in todo:
                 stored[o.key] = _quantize(mod, o, name, self.calib, self.search)
             if todo and path is not None:
