@@ -43,7 +43,7 @@ def section(title: str, files: list[str], model: str) -> str:
     return f"**{title}**: {_header(docs, names)}\n\n{table(rows)}\n"
 
 
-def accuquant_ratios(file: str, model: str) -> str:
+def accuquant_ratios(file: str, model: str, label: str) -> str:
     """FID-to-FP of every calibration of one setting, and its ratio to the per-step baseline's."""
     path = RESULTS / file
     if not path.exists():
@@ -64,7 +64,7 @@ def accuquant_ratios(file: str, model: str) -> str:
                 suffix, "AccuQuant " + suffix.split("-")[-1].replace("m", "M=").replace("bal", "M=4, balanced"))
             out.append(f"| {setting.upper()} | {name} | {r['fid_to_fp']:.3f} | {ratio} | {r['class_accuracy']:.3f} | "
                        f"{r['psnr']:.2f} | {r['ssim']:.3f} |")
-    return (f"**U-Net, calibration objectives (1,000 samples; `{file}`)**: FID-to-FP against the per-step "
+    return (f"**{label}, calibration objectives (1,000 samples; `{file}`)**: FID-to-FP against the per-step "
             "baseline's at the same setting (target for AccuQuant: at most 0.7x)\n\n" + "\n".join(out) + "\n")
 
 
@@ -83,7 +83,8 @@ def main() -> int:
                 ["quality-quick-mnist-unet-pairs.json"], "mnist-unet"),
         section("AQ recipes after the (M, B, g) rule change, DiT, quick size",
                 ["quality-quick-mnist-dit-pairs.json"], "mnist-dit"),
-        accuquant_ratios("quality-quick-mnist-unet-accuquant.json", "mnist-unet"),
+        accuquant_ratios("quality-quick-mnist-unet-accuquant.json", "mnist-unet", "U-Net"),
+        accuquant_ratios("quality-quick-mnist-dit-accuquant.json", "mnist-dit", "DiT"),
         section("FP with other noise (seeds 10,000+): the seed-to-seed noise of each metric, U-Net",
                 ["quality-quick-fp-seed10000.json"], "mnist-unet"),
         section("FP with other noise, DiT", ["quality-quick-fp-seed10000.json"], "mnist-dit"),
@@ -97,7 +98,7 @@ def main() -> int:
         raise SystemExit(f"README.md lacks the markers {start} / {end}")
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
-    readme.write_text(head + start + "\n" + "\n".join(blocks) + end + tail)
+    readme.write_text(head + start + "\n" + "\n".join(b for b in blocks if b) + end + tail)
     print(f"wrote {len(blocks)} tables into {readme}")
     return 0
 

@@ -146,10 +146,11 @@ class AQConfig:
                            laq=self.laq and not fixed)
 
 
-def _rtn(name: str, wbits: int, abits: int | None) -> QuantConfig:
+def _rtn(name: str, wbits: int, abits: int | None, act_mode: str = "static") -> QuantConfig:
     """Round-to-nearest: per-output-channel asymmetric min-max weights; static per-tensor
-    activations calibrated over timesteps; the first and last layer's weights at 8 bits."""
-    act = ActSpec(abits, "static") if abits and abits < 16 else None
+    activations calibrated over timesteps (or dynamic per-token); the first and last layer's weights
+    at 8 bits."""
+    act = ActSpec(abits, act_mode) if abits and abits < 16 else None
     return QuantConfig(name=name, weight=WeightConfig("uniform", wbits), act=act, layers=dict(IO_8BIT))
 
 
@@ -175,12 +176,13 @@ def _recon(name: str, wbits: int, abits: int, objective: str, m: int = 4, balanc
 
 
 def _aq(name: str, target_bits: float, abits: int | None, finetune: PVConfig | None = SEMI_P,
-        kernel_aware: bool = True, laq: bool = True, recon: ReconConfig | None = None) -> QuantConfig:
+        kernel_aware: bool = True, laq: bool = True, recon: ReconConfig | None = None,
+        act_mode: str = "static") -> QuantConfig:
     """AQUATIC-Diff: additive codebooks chosen per layer within `target_bits` effective bits (codebooks
     and scales counted), KAQ on k x k convolutions, Gram-weighted layer-wise search, then SeMI
     distillation (P steps; `SEMI_PV` adds the V steps); the same A8 and 8-bit first / last layer as
     the RTN recipes, so the two differ only in how the weights are quantized."""
-    act = ActSpec(abits, "static") if abits and abits < 16 else None
+    act = ActSpec(abits, act_mode) if abits and abits < 16 else None
     return QuantConfig(name=name, weight=WeightConfig("aq", target_bits=target_bits, kernel_aware=kernel_aware),
                        act=act, layers=dict(IO_8BIT), finetune=finetune, laq=laq, recon=recon,
                        split_skips=recon is not None)
@@ -198,6 +200,8 @@ RECIPES: dict[str, QuantConfig] = {
         _rtn("w4a16", 4, None),
         _rtn("w3a16", 3, None),
         _rtn("w2a16", 2, None),
+        # the cost of static per-tensor A8 on its own: per-token ranges computed at run time instead
+        _rtn("w8a8-dyn", 8, 8, act_mode="dynamic"),
         # Fine-tuning is part of every AQ recipe: P steps with SeMI's timestep-jump rule, the best held-out
         # state kept. The code-moving V step stays in the ablations: on the zoo models it did not help at 2
         # bits and hurt at 4 (128-sample PSNR to FP: DiT 4 bits 30.4 dB P only, 27.7 with V steps, the
@@ -207,6 +211,7 @@ RECIPES: dict[str, QuantConfig] = {
         # longer distillation: 3x the steps on 2x the FP trajectories (DiT W4A8 at 1,000 samples: FID-to-FP
         # 0.017 against the recipe's 0.031; benchmarks/results/quality-quick-mnist-dit-pairs.json)
         *[_aq(f"aq-w{b:g}a8-long", b, 8, finetune=SEMI_P_LONG) for b in (4, 2)],
+        _aq("aq-w4a8-long-dyn", 4, 8, finetune=SEMI_P_LONG, act_mode="dynamic"),  # per-token A8
         # ablations: without fine-tuning, full SeMI-PV (with V steps), plain PV (V steps, no momentum
         # invalidation), flat groups on convolutions instead of kernel slices (KAQ), one budget per layer
         # instead of LAQ
