@@ -34,3 +34,17 @@ def test_superseded_rows_survive_a_rewrite(tmp_path):
     _merge_rows_written_meanwhile(mine, out)
     assert mine["superseded_rows"] == old["superseded_rows"]
     assert sorted(r["method"] for r in mine["rows"]) == ["aq-w2a8", "fp"]
+
+
+def test_every_row_records_the_commit_and_cpu_it_was_measured_with(tmp_path, monkeypatch):
+    from diffquant import bench
+
+    def fake_run_one(self, model, method, grids):
+        return {"model": model, "method": method, "effective_bits": 4.0, "fid": 1.0, "class_accuracy": 0.9}
+
+    monkeypatch.setattr(bench.Protocol, "run_one", fake_run_one)
+    monkeypatch.setattr(bench, "provenance", lambda: {"commit": "abc123", "machine": {"cpu": "TestCPU", "cores": 2}})
+    out = tmp_path / "q.json"
+    bench.run_quality(["m"], ["fp", "w4a8"], 10, out, cache=tmp_path / "cache", progress=False)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["commit"], r["cpu"]) for r in rows] == [("abc123", "TestCPU")] * 2

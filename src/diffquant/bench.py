@@ -185,14 +185,17 @@ def run_quality(models: list[str], methods: list[str], n: int, out: Path, seed: 
             doc["wall_time_s"] = old.get("wall_time_s", 0)  # accumulated over resumed segments
     done = {(r["model"], r["method"]) for r in doc["rows"]}
     proto = Protocol(n, seed, steps, cache, progress=progress)
+    prov = provenance()  # the code this run started with (a later commit during a long run is not it)
     t_start = time.time()
     for model in models:
         for method in methods:
             if (model, method) in done:
                 continue
             row = proto.run_one(model, method, grids)
+            # each row keeps its own commit and CPU: a results file gathers rows over many runs
+            row.update(commit=prov["commit"], cpu=prov["machine"].get("cpu"))
             doc["rows"].append(row)
-            doc.update(provenance())
+            doc.update(prov)
             doc["wall_time_s"] = round(doc.get("wall_time_s", 0) + time.time() - t_start, 1)
             t_start = time.time()
             doc["grids_dir"] = grids.name
