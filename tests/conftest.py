@@ -9,6 +9,11 @@ from diffusers import DiTTransformer2DModel, UNet2DModel
 
 from diffquant.models import ModelMeta, make_scheduler
 
+# One intra-op thread: the tiny models gain nothing from more, and on a machine whose cores are busy
+# (CI neighbours, a benchmark) a second spinning thread made single tests take minutes instead of
+# seconds. The kernels' multi-threaded split is tested on its own (tests/kernels, `threads`).
+torch.set_num_threads(1)
+
 
 @pytest.fixture
 def tiny_unet():

@@ -44,6 +44,25 @@ def test_lut_linear_equals_reference(tokens, out, in_flat, m, bits, g):
 
 
 @needs_lut
+@pytest.mark.parametrize("tokens", [1, 17, 100])
+def test_lut_linear_split_across_threads_equals_reference(tokens):
+    # the suite runs on one intra-op thread (conftest); the kernel's split of rows and token tiles over
+    # several threads is checked here, with a thread count that divides nothing evenly
+    gen = torch.Generator().manual_seed(tokens)
+    cb, codes, scale = _random_aq(131, 72, 2, 8, 8, gen)
+    bias = torch.randn(131, generator=gen)
+    x = torch.randn(tokens, 72, generator=gen)
+    kcb, kcodes, kscale = cpu.kernel_layout(codes, cb.half(), scale.half(), 8)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        y = cpu.aq_linear(x, kcb, kcodes, kscale, bias)
+    finally:
+        torch.set_num_threads(before)
+    _close(y, dequant_linear(x, kcb, codes, kscale, bias))
+
+
+@needs_lut
 @pytest.mark.parametrize("out,in_flat,m,bits,g", [(37, 48, 2, 8, 8), (300, 1000, 2, 8, 8), (129, 549, 3, 10, 9),
                                                   (17, 1024, 1, 8, 8), (1, 16, 1, 1, 16)])
 def test_one_token_gather_path_equals_reference(out, in_flat, m, bits, g):
