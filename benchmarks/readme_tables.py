@@ -90,6 +90,8 @@ def main() -> int:
         section("FP with other noise, DiT", ["quality-quick-fp-seed10000.json"], "mnist-dit"),
         section("FP with other noise, U-Net, full size (5,000 samples)", ["quality-full-fp-seed10000.json"],
                 "mnist-unet"),
+        section("FP with other noise, DiT, full size (5,000 samples)", ["quality-full-fp-seed10000.json"],
+                "mnist-dit"),
     ]
     readme = ROOT / "README.md"
     text = readme.read_text()
