@@ -91,15 +91,28 @@ def _save_tiny32(path, scheduler):
     save_fp(dit, scheduler, path)
 
 
-def test_quantize_then_eval_end_to_end(tmp_path, monkeypatch, scheduler):
+def test_act_mode_that_cannot_apply():
+    out = _err(["quantize", "mnist-unet", "--recipe", "w4a16", "--act-mode", "timestep", "--out", "/tmp/never"])
+    assert "full precision" in out and "--act-mode" in out
+    out = _err(["quantize", "mnist-unet", "--recipe", "w4a8-perstep", "--act-mode", "timestep", "--out", "/tmp/never"])
+    assert "--act-mode static" in out
+
+
+@pytest.mark.parametrize("act_mode", [None, "timestep"])
+def test_quantize_then_eval_end_to_end(act_mode, tmp_path, monkeypatch, scheduler):
     """The CLI contract: quantize writes a folder usable as MODEL; eval writes every metric."""
     import json
 
     monkeypatch.chdir(tmp_path)
     _save_tiny32(tmp_path / "fp", scheduler)
     run = CliRunner().invoke
-    res = run(main, ["quantize", "fp", "--recipe", "w4a8", "--out", "q", "--calib-n", "4", "--steps", "2"])
+    mode = ["--act-mode", act_mode] if act_mode else []
+    res = run(main, ["quantize", "fp", "--recipe", "w4a8", "--out", "q", "--calib-n", "4", "--steps", "2", *mode])
     assert res.exit_code == 0, res.output
+    if act_mode:  # the loaded model looks its ranges up by timestep: a table of one row per calibrated step
+        layers = json.loads((tmp_path / "q/diffquant.json").read_text())["quantization"]["layers"]
+        acts = [v["act"] for v in layers.values()]
+        assert all(a["mode"] == "timestep" and a["steps"] == 2 for a in acts if a)
     res = run(main, ["eval", "q", "--ref", "fp", "-n", "20", "--steps", "2", "--json", "e.json"])
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "e.json").read_text())

@@ -51,7 +51,7 @@ def test_io_layers_stay_at_8_bits(tiny_unet):
     assert tiny_unet.down_blocks[0].resnets[0].conv1.qweight.spec.bits == 4
 
 
-@pytest.mark.parametrize("recipe", ["w4a8", "w3a8"])
+@pytest.mark.parametrize("recipe", ["w4a8", "w3a8", "w8a8-ts"])
 def test_save_load_round_trip_is_bit_exact(recipe, tiny_unet, scheduler, tmp_path):
     calib = dq.collect(tiny_unet, scheduler, n=4, steps=3, batch_size=4, progress=False)
     dq.quantize_(tiny_unet, dq.get_recipe(recipe), calib=calib)
@@ -60,6 +60,30 @@ def test_save_load_round_trip_is_bit_exact(recipe, tiny_unet, scheduler, tmp_pat
     assert torch.equal(_eps(loaded), _eps(tiny_unet))
     meta = json.loads((path / "diffquant.json").read_text())
     assert meta["checkpoint_bytes"] == (path / "quantized.safetensors").stat().st_size
+
+
+def test_timestep_ranges_have_a_row_per_calibrated_step_and_act_per_item(tiny_dit, scheduler):
+    calib = dq.collect(tiny_dit, scheduler, n=4, steps=3, batch_size=4, progress=False)
+    assert len(calib.timesteps) == 3 and calib.timesteps[0] > calib.timesteps[-1]
+    dq.quantize_(tiny_dit, dq.get_recipe("w8a8-ts"), calib=calib)
+    act = tiny_dit.transformer_blocks[0].attn1.to_q.act
+    assert act.spec.steps == 3 and act.ts.tolist() == [float(t) for t in calib.timesteps]
+    assert not torch.equal(act.hi[0], act.hi[-1])  # the ranges differ along the trajectory
+    mixed = _eps(tiny_dit)  # items at timesteps 10, 500, 900: each uses its own row
+    for i, t in enumerate((10, 500, 900)):
+        x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))[i:i + 1]
+        with torch.no_grad():
+            one = tiny_dit(x, torch.tensor([t]), class_labels=torch.tensor([[1, 2, 10][i]])).sample
+        assert torch.allclose(one[0], mixed[i], atol=1e-5)
+
+
+def test_timestep_ranges_with_reconstruction_are_refused(tiny_dit, scheduler):
+    import dataclasses
+
+    recipe = dataclasses.replace(dq.get_recipe("w4a8-perstep"), act=dq.ActSpec(8, "timestep"))
+    with pytest.raises(ValueError, match="timestep-wise"):
+        dq.quantize_(tiny_dit, recipe, calib=dq.collect(tiny_dit, scheduler, n=2, steps=2, batch_size=2,
+                                                       progress=False), scheduler=scheduler)
 
 
 def test_low_bit_checkpoint_is_small(tiny_dit, scheduler, tmp_path):

@@ -169,7 +169,10 @@ def sample(model, n, out, labels, seed, steps, guidance, sampler, batch_size):
 @click.option("--calib-grad", type=click.Choice(["o1", "exact"]), default=None,
               help="AccuQuant: gradient through one step at a time (O(1) memory) or through all M")
 @click.option("--recon-iters", type=int, default=None, help="reconstruction iterations per block")
-def quantize(model, recipe, out, calib_n, steps, calib_mode, group_steps, calib_grad, recon_iters):
+@click.option("--act-mode", type=click.Choice(["static", "timestep", "dynamic"]), default=None,
+              help="activation ranges: one per tensor, one per tensor and denoising step (looked up by "
+                   "timestep), or per token at run time (default: the recipe's)")
+def quantize(model, recipe, out, calib_n, steps, calib_mode, group_steps, calib_grad, recon_iters, act_mode):
     """Quantize MODEL with a recipe and write a packed low-bit folder, usable as MODEL everywhere.
     Interrupted runs resume: finished AQ layers and reconstruction blocks are kept beside OUT.
 
@@ -179,6 +182,7 @@ def quantize(model, recipe, out, calib_n, steps, calib_mode, group_steps, calib_
       diffquant quantize mnist-dit --recipe my_recipe.json --out runs/dit-custom
       diffquant quantize mnist-unet --recipe w3a6-accuquant -M 8 --out runs/unet-w3a6-aq8
       diffquant quantize mnist-unet --recipe w4a8 --calib-mode perstep --out runs/unet-w4a8-qdiff
+      diffquant quantize mnist-dit --recipe aq-w4a8 --act-mode timestep --out runs/dit-aq4-ts
     """
     from diffquant.calibration.collect import collect
     from diffquant.checkpoint import save
@@ -186,7 +190,7 @@ def quantize(model, recipe, out, calib_n, steps, calib_mode, group_steps, calib_
     from diffquant.models import load
     from diffquant.quantize import check_budget, needs_calibration, quantize_
 
-    cfg = _with_recon(get_recipe(recipe), calib_mode, group_steps, calib_grad, recon_iters)
+    cfg = _with_act_mode(_with_recon(get_recipe(recipe), calib_mode, group_steps, calib_grad, recon_iters), act_mode)
     m, s = load(model)
     check_budget(m, cfg)  # an impossible bit budget fails here, not after minutes of calibration
     calib = collect(m, s, n=calib_n, steps=steps) if needs_calibration(cfg) else None
@@ -199,6 +203,23 @@ def quantize(model, recipe, out, calib_n, steps, calib_mode, group_steps, calib_
     shutil.rmtree(resume, ignore_errors=True)
     meta = json.loads((path / "diffquant.json").read_text())
     click.echo(f"wrote {path}: {meta['effective_bits']:.3f} effective bits, {meta['checkpoint_bytes']:,} bytes")
+
+
+def _with_act_mode(cfg, mode):
+    """The recipe with --act-mode applied (a clear error where it cannot apply)."""
+    import dataclasses
+
+    if mode is None:
+        return cfg
+    if cfg.act is None:
+        raise click.UsageError(f"recipe {cfg.name!r} keeps activations in full precision; --act-mode needs a "
+                               "recipe with activation bits (e.g. w4a8, aq-w4a8)")
+    if mode == "timestep" and cfg.recon is not None:
+        raise click.UsageError(f"recipe {cfg.name!r} reconstructs block by block, which learns one activation "
+                               "range per layer; use --act-mode static with it, or --calib-mode none")
+    split = cfg.act.split if mode != "dynamic" else 0
+    return dataclasses.replace(cfg, act=dataclasses.replace(cfg.act, mode=mode, split=split, steps=0),
+                               split_skips=cfg.split_skips and mode != "dynamic")
 
 
 def _with_recon(cfg, mode, m, grad, iters):

@@ -202,6 +202,8 @@ RECIPES: dict[str, QuantConfig] = {
         _rtn("w2a16", 2, None),
         # the cost of static per-tensor A8 on its own: per-token ranges computed at run time instead
         _rtn("w8a8-dyn", 8, 8, act_mode="dynamic"),
+        # ... and static ranges per denoising step (a table looked up by timestep), no run-time min/max
+        _rtn("w8a8-ts", 8, 8, act_mode="timestep"),
         # Fine-tuning is part of every AQ recipe: P steps with SeMI's timestep-jump rule, the best held-out
         # state kept. The code-moving V step stays in the ablations: on the zoo models it did not help at 2
         # bits and hurt at 4 (128-sample PSNR to FP: DiT 4 bits 30.4 dB P only, 27.7 with V steps, the
@@ -212,6 +214,7 @@ RECIPES: dict[str, QuantConfig] = {
         # 0.017 against the recipe's 0.031; benchmarks/results/quality-quick-mnist-dit-pairs.json)
         *[_aq(f"aq-w{b:g}a8-long", b, 8, finetune=SEMI_P_LONG) for b in (4, 2)],
         _aq("aq-w4a8-long-dyn", 4, 8, finetune=SEMI_P_LONG, act_mode="dynamic"),  # per-token A8
+        _aq("aq-w4a8-long-ts", 4, 8, finetune=SEMI_P_LONG, act_mode="timestep"),  # static A8 per timestep
         # ablations: without fine-tuning, full SeMI-PV (with V steps), plain PV (V steps, no momentum
         # invalidation), flat groups on convolutions instead of kernel slices (KAQ), one budget per layer
         # instead of LAQ

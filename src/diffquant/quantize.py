@@ -20,6 +20,7 @@ from diffquant.formats.base import QuantizedWeight
 from diffquant.io_utils import atomic_path
 from diffquant.methods.aquatic import AQSearch, gram, quantize_layer
 from diffquant.methods.recon import skip_splits
+from diffquant.nn.act import attach_clock
 from diffquant.nn.layers import QuantConv2d, QuantLayer, QuantLinear
 from diffquant.nn.swap import io_layer_names, quantizable_layers, set_module
 
@@ -34,7 +35,7 @@ def needs_calibration(config: QuantConfig | AQConfig) -> bool:
     """Whether quantizing with `config` needs calibration data (static activations or AQ weights)."""
     if isinstance(config, AQConfig):
         return True
-    static_act = config.act is not None and config.act.mode == "static"
+    static_act = config.act is not None and config.act.needs_calibration
     return static_act or config.weight.method == "aq" or any(w.method == "aq" for w in config.layers.values())
 
 
@@ -62,7 +63,11 @@ def quantize_(model: nn.Module, config: QuantConfig | AQConfig, calib: Calibrati
     if not layers:
         raise ValueError(f"recipe {config.name!r} selects no layer "
                          f"(include={config.include}, exclude={config.exclude})")
-    needs_act_calib = config.act is not None and config.act.mode == "static"
+    needs_act_calib = config.act is not None and config.act.needs_calibration
+    if config.recon is not None and config.act is not None and config.act.mode == "timestep":
+        raise ValueError(f"recipe {config.name!r}: block reconstruction learns one activation range per layer, "
+                         "and timestep-wise ranges (act mode 'timestep') are not supported with it. "
+                         "Fix: use act mode 'static' with recon, or drop recon.")
     uses_aq = any(config.weight_for(n, io).method == "aq" for n in layers)
     if (needs_act_calib or uses_aq) and calib is None:
         why = "additive (AQ) weights" if uses_aq else "static activation quantization"
@@ -100,13 +105,14 @@ def quantize_(model: nn.Module, config: QuantConfig | AQConfig, calib: Calibrati
         if entry is not None:
             log[name] = entry
         act = config.act_for(name)
-        if act is not None and act.mode == "static" and name in splits:
+        if act is not None and act.needs_calibration and name in splits:
             act = dataclasses.replace(act, split=splits[name])
         new = (QuantLinear(qw, mod.bias, act) if isinstance(mod, nn.Linear)
                else QuantConv2d(qw, mod.bias, mod, act))
         set_module(model, name, new)
     if needs_act_calib:
         calibrate_activations(model, calib)
+    attach_clock(model)
     if teacher is not None and config.finetune is not None:
         from diffquant.methods.pv_tuning import pv_tune
 
@@ -186,7 +192,7 @@ def check_budget(model: nn.Module, config: QuantConfig | AQConfig) -> None:
 def _check_aq_budget(config: QuantConfig, layers: dict, io: set[str]) -> None:
     """Tiny layers may fall back to uniform; a budget that no layer can meet is an error."""
     aq = {n: m for n, m in layers.items() if config.weight_for(n, io).method == "aq"}
-    misfit = sum(m.weight.numel() for n, m in aq.items() if not _aq_fits(config.weight_for(n, io), m))
+    misfit = sum(m.weight.numel() for n, m in aq.items() if aq_spec_for(config.weight_for(n, io), m) is None)
     total = sum(m.weight.numel() for m in aq.values())
     if misfit == total:
         raise ValueError(f"recipe {config.name!r}: no additive setting fits its effective-bit budget in any "
@@ -199,7 +205,7 @@ def quantize_layer_weight(name: str, mod: nn.Module, wc: WeightConfig, calib: Ca
     """One layer's weight under `wc`, and its AQ log entry (None for uniform / k-means). The one
     place that decides how a layer is stored, so that a recipe and Qua²SeDiMo's precomputed search
     space (which quantizes layers one by one) produce the same weights."""
-    if wc.method == "aq" and not _aq_fits(wc, mod):
+    if wc.method == "aq" and aq_spec_for(wc, mod) is None:
         # a layer so small that codebooks cost more than its budget: uniform at the budget, rounded up
         wc = WeightConfig("uniform", bits=max(2, math.ceil(wc.target_bits)), clip="lp")
         return (quantize_weight(mod.weight, wc.to_spec(), name),
@@ -212,14 +218,16 @@ def quantize_layer_weight(name: str, mod: nn.Module, wc: WeightConfig, calib: Ca
     return quantize_weight(mod.weight, wc.to_spec(), name), None
 
 
-def _aq_fits(wc: WeightConfig, mod: nn.Module) -> bool:
-    if not wc.target_bits:
-        return True
+def aq_spec_for(wc: WeightConfig, mod: nn.Module):
+    """The additive setting (an `AdditiveSpec`) layer `mod` gets under `wc`, or None when no setting
+    fits its effective-bit budget (the layer then falls back to uniform). The one rule shared by
+    `quantize_` and the cached search space, so a cached option is rebuilt exactly when it differs."""
     try:
-        wc.aq_spec(tuple(mod.weight.shape))
-        return True
+        return wc.aq_spec(tuple(mod.weight.shape))
     except ValueError:
-        return False
+        if not wc.target_bits:  # a fixed (M, B, g) that cannot apply is the user's error, said as is
+            raise
+        return None
 
 
 def _aq_layer(name: str, mod: nn.Module, wc: WeightConfig, calib: CalibrationData, search: AQSearch,
@@ -253,13 +261,14 @@ def _aq_layer(name: str, mod: nn.Module, wc: WeightConfig, calib: CalibrationDat
 
 
 def calibrate_activations(model: nn.Module, calib: CalibrationData) -> None:
-    """Fits every static activation quantizer to the layer's recorded inputs over all timesteps."""
+    """Fits every calibrated activation quantizer to the layer's recorded inputs: one range over all
+    timesteps (static) or one per recorded step (timestep)."""
     for name, mod in quantized_layers(model).items():
-        if mod.act is None or mod.act.spec.mode != "static":
+        if mod.act is None or not mod.act.spec.needs_calibration:
             continue
         if name not in calib:
             raise ValueError(f"calibration data has no inputs for layer {name!r}; collect it on this model's FP copy")
         mod.act.start_observing()
-        for x in calib.inputs[name]:
-            mod.act.observe(x)
-        mod.act.finish_observing()
+        for x, step in zip(calib.inputs[name], calib.steps[name], strict=True):
+            mod.act.observe(x, step)
+        mod.act.finish_observing(calib.timesteps or None)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from diffquant.formats import FORMATS
 from diffquant.io_utils import atomic_path
-from diffquant.nn.act import ActSpec
+from diffquant.nn.act import ActSpec, attach_clock
 from diffquant.nn.layers import QuantConv2d, QuantLayer, QuantLinear
 from diffquant.nn.swap import set_module
 
@@ -91,4 +91,5 @@ def load_quantized(path: Path, skeleton: nn.Module, qmeta: dict) -> nn.Module:
         raise CheckpointError(f"{f} lacks {len(missing)} tensors (e.g. {sorted(missing)[:3]}); it is truncated "
                               "or was written for another model. Fix: re-run `diffquant quantize`.")
     skeleton.load_state_dict(rest, strict=True)
+    attach_clock(skeleton)  # timestep-wise activation ranges follow the model's timestep again
     return skeleton

@@ -18,11 +18,13 @@ CALIB_SEED = 1_000_000  # far from the evaluation seeds (0 ..), so calibration n
 @dataclass
 class CalibrationData:
     """Per layer: a list of input batches (items chosen at random from each model call) and the
-    denoising step index each batch was recorded at."""
+    denoising step index each batch was recorded at; `timesteps[step]` is that step's timestep value
+    (what timestep-wise activation ranges are looked up by at run time)."""
 
     inputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     steps: dict[str, list[int]] = field(default_factory=dict)
     num_steps: int = 0
+    timesteps: list[int] = field(default_factory=list)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for ts in self.inputs.values() for t in ts)
@@ -58,12 +60,16 @@ def collect(model, scheduler, n: int = 64, steps: int = 20, batch_size: int = 64
             data.steps.setdefault(name, []).append(state["step"])
         return fn
 
+    def record_timestep(step: int, t: int) -> None:
+        if step == len(data.timesteps):
+            data.timesteps.append(t)
+
     handles = [m.register_forward_pre_hook(hook(k)) for k, m in targets.items()]
     try:
         labels = balanced_labels(n)
         for i in tqdm(range(0, n, batch_size), desc="calibration data", disable=not progress):
             sample_batch(model, scheduler, labels[i:i + batch_size], i, seed=seed, steps=steps, guidance=guidance,
-                         callback=lambda s, t: state.update(step=s))
+                         callback=lambda s, t: (state.update(step=s), record_timestep(s, t)))
     finally:
         for h in handles:
             h.remove()

@@ -146,6 +146,7 @@ class Trainable:
                 self.weights.append(_AdaRound(mod, fp_model.get_submodule(name).weight, from_codes))
             elif isinstance(mod.qweight, AdditiveWeight):
                 self.weights.append(_AQContinuous(mod))
+        # (quantize_ refuses timestep-mode ranges with reconstruction: blocks run without the model's timestep)
         self.acts = [m.act for m in layers.values()
                      if learn_acts and m.act is not None and m.act.spec.mode == "static"]
         self.act_params = [p for a in self.acts for p in a.learnable(True)]

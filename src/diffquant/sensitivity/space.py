@@ -85,12 +85,11 @@ def tied_units(layer_names: list[str]) -> dict[str, list[str]]:
 def _stale(stored: QuantizedWeight, option: Option, mod: nn.Module) -> bool:
     """A cached `aq` option whose (M, B, g) is no longer what `choose_spec` picks for the layer (the
     rule changed since it was built): it is rebuilt rather than mixed with fresh options."""
+    from diffquant.quantize import aq_spec_for
+
     if option.method != "aq":
         return False
-    try:
-        spec = option.weight_config().aq_spec(tuple(mod.weight.shape))
-    except ValueError:  # no setting fits: `quantize_layer_weight` falls back to uniform
-        spec = None
+    spec = aq_spec_for(option.weight_config(), mod)  # None: `quantize_layer_weight` falls back to uniform
     return (stored.spec if isinstance(stored, AdditiveWeight) else None) != spec
 
 
