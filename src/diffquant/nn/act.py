@@ -4,9 +4,9 @@ static  one asymmetric range per tensor, calibrated over the inputs seen at many
         FP sampling trajectory (timestep-aware calibration); the range is chosen by an MSE search
         over clipping ratios of the observed min/max, so rare outliers do not waste the grid.
 timestep
-        static, with one range per calibrated denoising step: a table of ranges, each step's recorded
-        min / max shrunk by one clipping ratio fitted over all steps, looked up at run time by the
-        nearest calibrated timestep. Diffusion activations change range along the trajectory (a DiT's adaLN-modulated
+        static, with one range per calibrated denoising step: a table of ranges fitted to each step's
+        recorded inputs (the same MSE search), looked up at run time by the nearest calibrated
+        timestep. Diffusion activations change range along the trajectory (a DiT's adaLN-modulated
         inputs most of all), so one range for every step is either too wide late or clips early.
         The model's timestep reaches the quantizers through a `TimestepClock`, set by a forward
         pre-hook on the model (`attach_clock`); calling a submodule directly uses the last
@@ -189,26 +189,11 @@ class ActQuantizer(nn.Module):
         shape = (len(steps),) + ((2,) if self.spec.split else ())
         self.lo, self.hi = torch.zeros(shape), torch.zeros(shape)
         self.ts = torch.tensor([float(timesteps[s]) for s in steps])
-        for i in range(len(observed[steps[0]])):
-            per_step = [torch.cat(observed[s][i]) for s in steps]
-            ratio = self._best_shared_ratio(per_step, grid)
-            for row, x in enumerate(per_step):
+        for row, s in enumerate(steps):
+            for i, seen in enumerate(observed[s]):
                 idx = (row, i) if self.spec.split else (row,)
-                self._set(self.lo, self.hi, idx, x.min() * ratio, x.max() * ratio)
+                self._set(self.lo, self.hi, idx, *self._best_range(torch.cat(seen), grid))
         self.calibrated.fill_(True)
-
-    def _best_shared_ratio(self, per_step: list[torch.Tensor], grid: int) -> float:
-        """Each step's range is its own min / max times one clipping ratio fitted over all steps at
-        once (the smallest total MSE): a step's sample is too small to choose its own clipping (on the
-        DiT, per-step MSE clipping was up to 3x worse than one static range on held-out inputs,
-        `benchmarks/results/act-ranges-mnist-dit-a8-ownclip.json`)."""
-        best, best_err = 1.0, float("inf")
-        for r in torch.linspace(1.0, 0.3, grid).tolist():
-            err = sum(float((fake_quant(x, x.min() * r, x.max() * r, self.spec.bits) - x).pow(2).sum())
-                      for x in per_step)
-            if err < best_err:
-                best, best_err = r, err
-        return best
 
     @staticmethod
     def _set(lo: torch.Tensor, hi: torch.Tensor, idx: tuple, lo_v: torch.Tensor, hi_v: torch.Tensor) -> None:
