@@ -85,6 +85,8 @@ def main() -> int:
                 ["quality-quick-mnist-dit-pairs.json"], "mnist-dit"),
         section("A8 ranges per timestep (act mode `timestep`), DiT, quick size",
                 ["quality-quick-mnist-dit-ts.json", "quality-quick-mnist-dit-ts-aq.json"], "mnist-dit"),
+        section("A8 ranges per timestep and per token, U-Net, quick size", ["quality-quick-mnist-unet-ts.json"],
+                "mnist-unet"),
         accuquant_ratios("quality-quick-mnist-unet-accuquant.json", "mnist-unet", "U-Net"),
         accuquant_ratios("quality-quick-mnist-dit-accuquant.json", "mnist-dit", "DiT"),
         section("FP with other noise (seeds 10,000+): the seed-to-seed noise of each metric, U-Net",
