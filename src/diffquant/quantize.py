@@ -32,11 +32,11 @@ def quantize_weight(weight, spec, name: str = "") -> QuantizedWeight:
 
 
 def needs_calibration(config: QuantConfig | AQConfig) -> bool:
-    """Whether quantizing with `config` needs calibration data (static activations or AQ weights)."""
+    """Whether quantizing with `config` needs calibration data (static or timestep activations, or AQ weights)."""
     if isinstance(config, AQConfig):
         return True
-    static_act = config.act is not None and config.act.needs_calibration
-    return static_act or config.weight.method == "aq" or any(w.method == "aq" for w in config.layers.values())
+    calibrated_act = config.act is not None and config.act.needs_calibration
+    return calibrated_act or config.weight.method == "aq" or any(w.method == "aq" for w in config.layers.values())
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLayer]:

@@ -177,7 +177,8 @@ class ActQuantizer(nn.Module):
             raise RuntimeError("activation quantizer saw no calibration data")
         if self.spec.mode != "timestep":
             for i, seen in enumerate(observed[0]):
-                self._set(self.lo, self.hi, (i,) if self.spec.split else (), *self._best_range(torch.cat(seen), grid))
+                idx = (i,) if self.spec.split else ()
+                self.lo[idx], self.hi[idx] = self._best_range(torch.cat(seen), grid)
             self.calibrated.fill_(True)
             return
         steps = sorted(observed)
@@ -192,13 +193,8 @@ class ActQuantizer(nn.Module):
         for row, s in enumerate(steps):
             for i, seen in enumerate(observed[s]):
                 idx = (row, i) if self.spec.split else (row,)
-                self._set(self.lo, self.hi, idx, *self._best_range(torch.cat(seen), grid))
+                self.lo[idx], self.hi[idx] = self._best_range(torch.cat(seen), grid)
         self.calibrated.fill_(True)
-
-    @staticmethod
-    def _set(lo: torch.Tensor, hi: torch.Tensor, idx: tuple, lo_v: torch.Tensor, hi_v: torch.Tensor) -> None:
-        lo[idx] = lo_v
-        hi[idx] = hi_v
 
     def _best_range(self, x: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
         lo0, hi0 = x.min(), x.max()
