@@ -64,10 +64,7 @@ def quantize_(model: nn.Module, config: QuantConfig | AQConfig, calib: Calibrati
         raise ValueError(f"recipe {config.name!r} selects no layer "
                          f"(include={config.include}, exclude={config.exclude})")
     needs_act_calib = config.act is not None and config.act.needs_calibration
-    if config.recon is not None and config.act is not None and config.act.mode == "timestep":
-        raise ValueError(f"recipe {config.name!r}: block reconstruction learns one activation range per layer, "
-                         "and timestep-wise ranges (act mode 'timestep') are not supported with it. "
-                         "Fix: use act mode 'static' with recon, or drop recon.")
+    _check_act_mode(config)
     uses_aq = any(config.weight_for(n, io).method == "aq" for n in layers)
     if (needs_act_calib or uses_aq) and calib is None:
         why = "additive (AQ) weights" if uses_aq else "static activation quantization"
@@ -168,10 +165,19 @@ def laq_config(model: nn.Module, config: QuantConfig, calib: CalibrationData, sc
     return new, log
 
 
+def _check_act_mode(config: QuantConfig) -> None:
+    if config.recon is not None and config.act is not None and config.act.mode == "timestep":
+        raise ValueError(f"recipe {config.name!r}: block reconstruction learns one activation range per layer, "
+                         "and timestep-wise ranges (act mode 'timestep') are not supported with it. "
+                         "Fix: use act mode 'static' with recon, or drop recon.")
+
+
 def check_budget(model: nn.Module, config: QuantConfig | AQConfig) -> None:
-    """Fails at once, before any calibration, when an AQ recipe's bit budget cannot be met."""
+    """Fails at once, before any calibration, when an AQ recipe's bit budget cannot be met (or its
+    activation mode cannot go with its reconstruction)."""
     if isinstance(config, AQConfig):
         config = config.to_quant_config()
+    _check_act_mode(config)
     io = io_layer_names(model)
     layers = {k: v for k, v in quantizable_layers(model).items() if config.selects(k)}
     aq = {n: m for n, m in layers.items() if config.weight_for(n, io).method == "aq"}
