@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-n", type=int, default=1000)
     ap.add_argument("--cache", type=Path, default=Path("runs/cache/sensitivity"))
     ap.add_argument("--with-aq", action="store_true", help="also search additive-codebook (AQ) options per layer")
+    ap.add_argument("--with-w8", action="store_true", help="also let a layer stay at 8-bit uniform (uaq-8)")
     ap.add_argument("--out", type=Path, default=None, help="plots and recipes (default: beside --json)")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     out = args.out or args.json.parent / args.json.stem
     settings = SensitivitySettings(configs=args.configs, n=args.n, workers=args.workers, folds=args.folds,
-                                   epochs=args.epochs, extra_methods=("aq",) if args.with_aq else ())
+                                   epochs=args.epochs, extra_options=("aq",) * args.with_aq + ("uaq-8",) * args.with_w8)
     targets = [float(t) for t in args.target_bits.split(",")]
     doc = run(args.model, out, targets, args.act_bits, settings, cache=args.cache)
     if args.check_configs:

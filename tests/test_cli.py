@@ -132,7 +132,7 @@ def test_sensitivity_writes_recipes_that_quantize_applies(tmp_path, monkeypatch,
     _save_tiny32(tmp_path / "fp", scheduler)
     run = CliRunner().invoke
     res = run(main, ["sensitivity", "fp", "--target-bits", "3.2", "--act-bits", "6", "--out", "mp", "--configs", "10",
-                     "-n", "6", "--folds", "2", "--epochs", "3", "--cache", "cache", "--with-aq"])
+                     "-n", "6", "--folds", "2", "--epochs", "3", "--cache", "cache", "--with-aq", "--with-w8"])
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "mp/sensitivity.json").read_text())
     assert {"aq-2", "aq-3", "aq-4"} <= set(doc["uniform"]) and "aq-4" not in doc["paper_options"]
@@ -142,6 +142,9 @@ def test_sensitivity_writes_recipes_that_quantize_applies(tmp_path, monkeypatch,
     measured = {k: c["fid_to_fp"] for k, c in rec["candidates"].items()}
     assert "lagrangian" in measured and measured[rec["search"]] == min(measured.values())  # the label decides
     assert any("+aq" in k for k in measured)  # AQ options are searched (by summed error) beside the paper's
+    assert "uaq-8" in doc["uniform"] and "descent-error-from-uaq-8" in measured  # layers may stay at 8 bits
+    assert any(k.startswith("descent-gain-error") for k in measured)
+    assert len(doc["layer_gain"]) >= len(doc["roles"]) and min(doc["layer_gain"].values()) >= 0  # every layer
     for png in ("sensitivity-by-role.png", "sensitivity-by-block.png", "pareto.png"):
         assert (tmp_path / "mp" / png).exists()
     res = run(main, ["quantize", "fp", "--recipe", f"mp/{rec['file']}", "--out", "q", "--calib-n", "4", "--steps", "2"])

@@ -296,7 +296,9 @@ def analyze_trajectory(models, ref, out, n, steps):
 @click.option("--cache", default="runs/cache/sensitivity", show_default=True, type=click.Path(path_type=Path))
 @click.option("--with-aq", is_flag=True, help="also search additive-codebook (AQ) options at 2/3/4 bits per layer "
               "(built once with calibration data; searched by summed per-layer error, chosen by their labels)")
-def sensitivity(model, target_bits, act_bits, out, configs, n, workers, folds, epochs, cache, with_aq):
+@click.option("--with-w8", is_flag=True, help="also let a layer stay at 8-bit uniform (uaq-8), as LAQ keeps its most "
+              "sensitive layers; searched by summed per-layer error weighted by each layer's measured gain")
+def sensitivity(model, target_bits, act_bits, out, configs, n, workers, folds, epochs, cache, with_aq, with_w8):
     """Qua²SeDiMo: label random mixed configurations of MODEL, train the GNN quality predictor,
     explain which layers are sensitive, and write a mixed-precision recipe per target.
 
@@ -313,7 +315,7 @@ def sensitivity(model, target_bits, act_bits, out, configs, n, workers, folds, e
         raise click.BadParameter(f"expected numbers such as 3.5 or 3.5,3.9, got {target_bits!r}",
                                  param_hint="--target-bits") from None
     settings = SensitivitySettings(configs=configs, n=n, workers=workers, folds=folds, epochs=epochs,
-                                   extra_methods=("aq",) if with_aq else ())
+                                   extra_options=("aq",) * with_aq + ("uaq-8",) * with_w8)
     doc = run(model, out, targets, act_bits, settings, cache=cache)
     rho = {k: v["mean"]["spearman"] for k, v in doc["predictors"].items()}
     click.echo(f"held-out Spearman: GNN {rho['gnn']:.3f}, trees {rho['trees']:.3f}, "

@@ -58,7 +58,9 @@ class SensitivitySettings:
     epochs: int = 300
     target: str = "fid_to_fp"
     explain_configs: int = 32  # labelled configurations the partial dependence averages over
-    extra_methods: tuple[str, ...] = ()  # e.g. ("aq",): searched by summed error, not in the random configs
+    # options searched beside the paper's (by summed output error, not in the random configurations):
+    # a method at every width ("aq") or one option ("uaq-8": a layer kept at 8-bit uniform, as LAQ does)
+    extra_options: tuple[str, ...] = ()
 
 
 def uniform_configs(space: SearchSpace) -> list[dict[str, Option]]:
@@ -73,7 +75,7 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
     out, cache = Path(out), Path(cache) / model_name
     model, scheduler = dq.load(model_name)[:2]
     space = SearchSpace(model, cache_dir=cache / "space").build(progress=progress)
-    full = _with_extra_methods(space, model, scheduler, settings.extra_methods, cache / "space", progress)
+    full, gain = _with_extra_options(space, model, scheduler, settings.extra_options, cache / "space", progress)
     configs = random_configs(space, settings.configs, seed=0)
     uniform = uniform_configs(full)
     label_dir = cache / f"labels-n{settings.n}"
@@ -113,6 +115,13 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
     def weighted_error(cs):
         return summed_error(full, cs, full.out_error, unit_weight)
 
+    # the same, each layer's output error scaled by its measured gain to the denoiser's output (LAQ's
+    # sensitivity): the predictors never saw options beyond 4 bits, so they cannot say which layers need 8
+    gained = {n: {k: gain.get(n, 1.0) * e for k, e in errs.items()} for n, errs in full.out_error.items()}
+
+    def gain_error(cs):
+        return summed_error(full, cs, gained)
+
     for tb in target_bits:
         candidates = {"lagrangian": recipe_for_bits(space, scores, tb, graph, cv["models"], weights)[0]}
         for base in _descent_bases(space, uni_labels, tb):
@@ -120,15 +129,15 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
             candidates[f"descent-error-from-{base.key}"] = descend(space, base, tb, error_cost)
             candidates[f"descent-error-any-method-from-{base.key}"] = descend(space, base, tb, error_cost, True)
         predicted = dict(zip(candidates, gnn_cost(list(candidates.values())), strict=True))
-        if full is not space:  # the predictors never saw the extra methods: the summed error searches them
+        if full is not space:  # the predictors never saw the extra options: the summed errors search them
+            extra = "+".join(settings.extra_options)
             for base in _descent_bases(full, uni_labels, tb):
-                if base.method in settings.extra_methods:
+                if base not in space.options:
                     candidates[f"descent-error-from-{base.key}"] = descend(full, base, tb, full_error)
-                extra = "+".join(settings.extra_methods)
-                candidates[f"descent-error-any-method+{extra}-from-{base.key}"] = (
-                    descend(full, base, tb, full_error, True))
-                candidates[f"descent-weighted-error-any-method+{extra}-from-{base.key}"] = (
-                    descend(full, base, tb, weighted_error, True))
+                costs = (("error", full_error), ("weighted-error", weighted_error), ("gain-error", gain_error))
+                for tag, cost in costs:
+                    candidates[f"descent-{tag}-any-method+{extra}-from-{base.key}"] = (
+                        descend(full, base, tb, cost, True))
         got = label_parallel(model_name, cache / "space", list(candidates.values()), label_dir,
                              LabelConfig(n=settings.n), workers=settings.workers)
         measured = {g["key"]: g for g in got}
@@ -153,7 +162,7 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
            "heldout": {"pred": [float(v) for v in cv["heldout"]], "true": [float(v) for v in y]},
            "labels": [_brief(by_key[config_key(c)]) for c in rand],
            "uniform": {k: _brief(lab) for k, lab in uni_labels.items()},
-           "option_errors": _option_errors(full), "unit_scores": scores,
+           "option_errors": _option_errors(full), "unit_scores": scores, "layer_gain": gain,
            "sensitivity": sens, "roles": {u: layer_role(u) for u in space.units},
            "blocks": _unit_blocks(space, graph), "recipes": recipes, **provenance()}
     write_json(out / "sensitivity.json", doc)
@@ -161,19 +170,36 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
     return doc
 
 
-def _with_extra_methods(space: SearchSpace, model, scheduler, methods: tuple[str, ...], cache_dir: Path,
-                        progress: bool) -> SearchSpace:
-    """The search space with `methods` added at every width, and every option's output error measured
-    (`SearchSpace.measure_output_error`). AQ options need calibration data, collected here as the
-    quantization benchmarks collect it, so that a recipe re-quantizes to the same weights."""
-    if not methods:
-        return space
+def extra_option_list(extras: tuple[str, ...]) -> list[Option]:
+    """`SensitivitySettings.extra_options` as options: "aq" -> aq-2, aq-3, aq-4; "uaq-8" -> itself."""
+    out: list[Option] = []
+    for e in extras:
+        out += [Option.parse(e)] if e[-1:].isdigit() else all_options(methods=(e,))
+    return out
+
+
+def _with_extra_options(space: SearchSpace, model, scheduler, extras: tuple[str, ...], cache_dir: Path,
+                        progress: bool) -> tuple[SearchSpace, dict[str, float]]:
+    """The search space with `extras` added, every option's output error measured
+    (`SearchSpace.measure_output_error`), and every layer's gain: the denoiser's relative output error
+    per unit of the layer's own output error (`methods.laq.sensitivity`, on the FP model's trajectory).
+    AQ options need calibration data, collected here as the quantization benchmarks collect it, so that
+    a recipe re-quantizes to the same weights."""
+    if not extras:
+        return space, {}
     from diffquant.calibration.collect import collect
+    from diffquant.methods.laq import sensitivity as layer_gain
+    from diffquant.methods.pv_tuning import PVConfig, _probe_batch, teacher_items
 
     calib = collect(model, scheduler, n=64, steps=20, progress=progress)
-    full = SearchSpace(model, options=space.options + all_options(methods=methods), cache_dir=cache_dir, calib=calib)
+    options = space.options + [o for o in extra_option_list(extras) if o not in space.options]
+    full = SearchSpace(model, options=options, cache_dir=cache_dir, calib=calib)
     full.build(progress=progress).measure_output_error(calib)
-    return full
+    items = teacher_items(model, scheduler, PVConfig(trajectories=16, seed=3_000_000))  # LAQ's probe
+    probe = _probe_batch(items, 4, torch.Generator().manual_seed(0))
+    layers = {n: model.get_submodule(n) for n in full.layers}
+    gain = {n: v["sens"] for n, v in layer_gain(model, layers, probe, calib.inputs, progress=progress).items()}
+    return full, gain
 
 
 def _option_errors(space: SearchSpace) -> dict[str, dict[str, float]]:
@@ -187,15 +213,16 @@ def _option_errors(space: SearchSpace) -> dict[str, dict[str, float]]:
 
 
 def _descent_bases(space: SearchSpace, uniform_labels: dict[str, dict], target_bits: float) -> list[Option]:
-    """Where descents start: every labelled uniform configuration at the highest width that is above
-    the target and can reach it (its method's lowest width is within it)."""
-    top, low = max(o.bits for o in space.options), min(o.bits for o in space.options)
+    """Where descents start: each method's widest option whose labelled uniform configuration is above
+    the target and can reach it (the method's narrowest option is within it)."""
+    def widest(m: str) -> Option:
+        return max((o for o in space.options if o.method == m), key=lambda o: o.bits)
 
     def reachable(o: Option) -> bool:
-        lowest = next(p for p in space.options if p.method == o.method and p.bits == low)
+        lowest = min((p for p in space.options if p.method == o.method), key=lambda p: p.bits)
         return space.effective_bits({u: lowest for u in space.units}) <= target_bits
 
-    return [o for o in space.options if o.bits == top and o.key in uniform_labels
+    return [o for o in map(widest, space.methods) if o.key in uniform_labels
             and uniform_labels[o.key]["bits"] > target_bits and reachable(o)]
 
 
@@ -238,13 +265,13 @@ def plot(doc: dict, out: Path) -> None:
         units = list(rec["config"])
         bits = [Option.parse(rec["config"][u]).bits for u in units]
         fig, ax = plt.subplots(figsize=(10, 2.6))
-        colors = {2: "tab:red", 3: "tab:orange", 4: "tab:green"}
+        colors = {2: "tab:red", 3: "tab:orange", 4: "tab:green", 8: "tab:blue"}
         ax.bar(range(len(units)), [1] * len(units), color=[colors.get(b, "grey") for b in bits], width=1.0)
         for i in range(1, len(units)):
             if blocks[units[i]] != blocks[units[i - 1]]:
                 ax.axvline(i - 0.5, color="black", lw=0.8)
         ax.set_yticks([])
-        ax.set_xlabel("units in forward order (lines: block boundaries); red 2 bits, orange 3, green 4")
+        ax.set_xlabel("units in forward order (lines: block boundaries); red 2 bits, orange 3, green 4, blue 8")
         ax.set_title(f"{name}: {rec['effective_bits']:.2f} effective bits")
         fig.tight_layout()
         fig.savefig(out / f"recipe-{name}.png", dpi=120)
