@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     mixed = [k for k in doc["recipes"] if not k.endswith(tag)]
     if args.recipes:
         mixed = [k for k in mixed if k in args.recipes.split(",")]
-    top = max(int(o.rsplit("-", 1)[1]) for o in doc["options"])
-    uniform = [f"{args.model}-uniform-{o}" for o in doc["options"] if o.endswith(f"-{top}")]
+    # the single-method 4-bit configurations (an 8-bit option, `--with-w8`, is a layer's refuge, not a rival)
+    uniform = [f"{args.model}-uniform-{o}" for o in doc["options"] if o.endswith("-4")]
 
     # the best random configuration at or above each recipe's bits, written as recipes too
     space = None
