@@ -8,7 +8,6 @@ import json
 import math
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -133,8 +132,7 @@ def laq_config(model: nn.Module, config: QuantConfig, calib: CalibrationData, sc
                io: set[str], progress: bool = False) -> tuple[QuantConfig, dict]:
     """The recipe with LAQ's per-layer settings written in (exact layer names before the patterns),
     and the allocation's log (budget, effective bits and measured sensitivity of every layer)."""
-    from diffquant.methods.laq import allocate, sensitivity
-    from diffquant.methods.pv_tuning import PVConfig, _probe_batch, teacher_items
+    from diffquant.methods.laq import allocate, sensitivity, trajectory_probe
 
     aq = {n: m for n, m in layers.items() if config.weight_for(n, io).method == "aq"}
     target = config.weight.target_bits or max(config.weight_for(n, io).target_bits for n in aq)
@@ -151,9 +149,7 @@ def laq_config(model: nn.Module, config: QuantConfig, calib: CalibrationData, sc
     shapes = {n: tuple(m.weight.shape) for n, m in aq.items()}
     unit = {n: {"sens": 1.0, "layer_error": 1.0} for n in aq}
     allocate(shapes, unit, target, fixed_bits, fixed_weights)  # an impossible target fails here, before any work
-    items = teacher_items(model, scheduler, PVConfig(trajectories=16, seed=3_000_000))
-    probe = _probe_batch(items, 4, torch.Generator().manual_seed(0))
-    sens = sensitivity(model, aq, probe, calib.inputs, progress=progress)
+    sens = sensitivity(model, aq, trajectory_probe(model, scheduler), calib.inputs, progress=progress)
     wcs = {n: config.weight_for(n, io) for n in aq}
     kernel_aware = all(wc.kernel_aware for wc in wcs.values())
     alloc = allocate(shapes, sens, target, fixed_bits, fixed_weights, kernel_aware)

@@ -61,6 +61,15 @@ def layer_options(shape: tuple[int, ...], kernel_aware: bool = True) -> list[Opt
     return sorted(opts, key=lambda o: o.eff_bits)
 
 
+def trajectory_probe(model: nn.Module, scheduler) -> dict[str, torch.Tensor]:
+    """The fixed probe batch that `sensitivity` measures on: 4 items drawn from 16 of the FP model's own
+    sampling trajectories (every step), seeded, so every caller measures the same gains."""
+    from diffquant.methods.pv_tuning import PVConfig, _probe_batch, teacher_items
+
+    items = teacher_items(model, scheduler, PVConfig(trajectories=16, seed=3_000_000))
+    return _probe_batch(items, 4, torch.Generator().manual_seed(0))
+
+
 @torch.no_grad()
 def sensitivity(model: nn.Module, layers: dict[str, nn.Module], probe: dict[str, torch.Tensor],
                 calib_inputs: dict[str, list[torch.Tensor]], progress: bool = True) -> dict[str, dict]:

@@ -189,15 +189,14 @@ def _with_extra_options(space: SearchSpace, model, scheduler, extras: tuple[str,
         return space, {}
     from diffquant.calibration.collect import collect
     from diffquant.methods.laq import sensitivity as layer_gain
-    from diffquant.methods.pv_tuning import PVConfig, _probe_batch, teacher_items
+    from diffquant.methods.laq import trajectory_probe
 
     calib = collect(model, scheduler, n=64, steps=20, progress=progress)
     options = space.options + [o for o in extra_option_list(extras) if o not in space.options]
     full = SearchSpace(model, options=options, cache_dir=cache_dir, calib=calib)
     full.build(progress=progress).measure_output_error(calib)
-    items = teacher_items(model, scheduler, PVConfig(trajectories=16, seed=3_000_000))  # LAQ's probe
-    probe = _probe_batch(items, 4, torch.Generator().manual_seed(0))
     layers = {n: model.get_submodule(n) for n in full.layers}
+    probe = trajectory_probe(model, scheduler)  # LAQ's, so the gains are the ones LAQ allocates by
     gain = {n: v["sens"] for n, v in layer_gain(model, layers, probe, calib.inputs, progress=progress).items()}
     return full, gain
 
