@@ -117,7 +117,7 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
 
     # the same, each layer's output error scaled by its measured gain to the denoiser's output (LAQ's
     # sensitivity): the predictors never saw options beyond 4 bits, so they cannot say which layers need 8
-    gained = {n: {k: gain.get(n, 1.0) * e for k, e in errs.items()} for n, errs in full.out_error.items()}
+    gained = {n: {k: gain[n] * e for k, e in errs.items()} for n, errs in full.out_error.items()}
 
     def gain_error(cs):
         return summed_error(full, cs, gained)
