@@ -68,6 +68,30 @@ def accuquant_ratios(file: str, model: str, label: str) -> str:
             "baseline's at the same setting (target for AccuQuant: at most 0.7x)\n\n" + "\n".join(out) + "\n")
 
 
+def noise_verdicts(file: str, model: str, label: str) -> str:
+    """FP's band per metric over its seeds, then every quantized row: FID-to-FP against FP's own rerun,
+    and the metrics on which it falls outside the band (z in FP standard deviations)."""
+    path = RESULTS / file
+    if not path.exists() or model not in json.loads(path.read_text())["models"]:
+        return ""
+    doc = json.loads(path.read_text())
+    d = doc["models"][model]
+    names = {"fid": "FID", "sfid": "sFID", "is": "IS", "precision": "precision", "recall": "recall",
+             "class_accuracy": "accuracy"}
+    band = ", ".join(f"{names[m]} {b['band'][0]:.3f}-{b['band'][1]:.3f}" for m, b in d["bands"].items())
+    out = [f"**{label}, within noise of FP? (`{file}`, commit {doc['commit'][:10]})**: FP at seeds "
+           f"{', '.join(str(s) for s in d['seeds'])}; 95% band of one more FP run: {band}. FP rerun at another "
+           f"seed scores FID-to-FP {d['fp_rerun_fid_to_fp_mean']:.4f} (mean).", "",
+           "| method | file | bits | FID-to-FP | / FP rerun | outside FP's band (z) |", "|---|---|---|---|---|---|"]
+    for j in sorted(d["judged"], key=lambda j: j["fid_to_fp"]):
+        outside = ", ".join(f"{names[m]} ({j['metrics'][m]['z']:+.1f})" for m in j["outside_band_on"]) or "none"
+        method = j["method"].rsplit("/", 1)[-1].removesuffix(".json")
+        bits = f"{j['effective_bits']:.2f}" if j.get("effective_bits") is not None else "-"
+        out.append(f"| {method} | {j['file'].removeprefix('quality-').removesuffix('.json')} | {bits} | "
+                   f"{j['fid_to_fp']:.4f} | {j['fid_to_fp_over_fp_rerun']:.2f}x | {outside} |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> int:
     blocks = [
         section("U-Net, full size (5,000 samples)", ["quality-full-mnist-unet.json"], "mnist-unet"),
@@ -96,6 +120,8 @@ def main() -> int:
                 "mnist-unet"),
         section("FP with other noise, DiT, full size (5,000 samples)", ["quality-full-fp-seed10000.json"],
                 "mnist-dit"),
+        noise_verdicts("fp-noise-full.json", "mnist-unet", "U-Net, full size"),
+        noise_verdicts("fp-noise-full.json", "mnist-dit", "DiT, full size"),
     ]
     readme = ROOT / "README.md"
     text = readme.read_text()
