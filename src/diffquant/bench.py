@@ -64,11 +64,9 @@ class Protocol:
         sliced: sample i depends on i only) and resumable. `loaded` = (model, scheduler) to sample a
         model object (a quantized one) rather than loading `model`; keep=False drops the finished file."""
         tag = tag.replace("/", "_").replace(":", "_")
-        pattern = self._sample_file(model, tag, 0).name.replace("-n0.npz", "-n*.npz")
-        for f in sorted(self._sample_file(model, tag, 0).parent.glob(pattern)):
-            if int(f.stem.rsplit("-n", 1)[1]) >= self.n:
-                with np.load(f) as z:
-                    return z["images"][: self.n]
+        cached = self.cached(model, tag)
+        if cached is not None:
+            return cached
         m, s = loaded if loaded is not None else load(model)
         f = self._sample_file(model, tag, self.n)
         images = sample_to_npz(m, s, self.labels, f, seed=self.seed, steps=self.steps, progress=self.progress,
@@ -76,6 +74,15 @@ class Protocol:
         if not keep:
             f.unlink(missing_ok=True)
         return images
+
+    def cached(self, model: str, tag: str = "fp") -> np.ndarray | None:
+        """The first n samples from a finished cache file of n or more, or None."""
+        pattern = self._sample_file(model, tag, 0).name.replace("-n0.npz", "-n*.npz")
+        for f in sorted(self._sample_file(model, tag, 0).parent.glob(pattern)):
+            if int(f.stem.rsplit("-n", 1)[1]) >= self.n:
+                with np.load(f) as z:
+                    return z["images"][: self.n]
+        return None
 
     def fp_samples(self, model: str) -> np.ndarray:
         return self.samples(model, "fp")
