@@ -48,3 +48,19 @@ def test_every_row_records_the_commit_and_cpu_it_was_measured_with(tmp_path, mon
     bench.run_quality(["m"], ["fp", "w4a8"], 10, out, cache=tmp_path / "cache", progress=False)
     rows = json.loads(out.read_text())["rows"]
     assert [(r["commit"], r["cpu"]) for r in rows] == [("abc123", "TestCPU")] * 2
+
+
+def test_cached_samples_are_sliced_from_a_larger_set_and_missing_ones_are_none(tmp_path, monkeypatch):
+    import numpy as np
+
+    from diffquant import bench
+
+    monkeypatch.setattr(bench, "model_fingerprint", lambda model: "f00")
+    big = bench.Protocol(8, seed=10, cache=tmp_path)
+    f = big._sample_file("m", "fp", 8)
+    f.parent.mkdir(parents=True)
+    np.savez(f, images=np.arange(8 * 4, dtype=np.uint8).reshape(8, 4))
+    small = bench.Protocol(5, seed=10, cache=tmp_path)
+    assert (small.cached("m") == np.arange(8 * 4, dtype=np.uint8).reshape(8, 4)[:5]).all()
+    assert bench.Protocol(9, seed=10, cache=tmp_path).cached("m") is None  # too few
+    assert bench.Protocol(5, seed=20, cache=tmp_path).cached("m") is None  # another seed
