@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="sample FP at a seed whose samples are not cached, for FID-to-FP's yardstick (slow)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    if not 0 < args.level < 1:
+        raise SystemExit(f"--level {args.level}: give the band's coverage as a fraction, e.g. 0.95")
 
     from diffquant.bench import SIZES, Protocol
     from diffquant.io_utils import write_json
@@ -88,14 +90,14 @@ def main(argv: list[str] | None = None) -> int:
             if qdoc.get("n") != n or qdoc.get("seed", 0) != 0:
                 continue
             for r in qdoc["rows"]:
-                if r["model"] != model or r["method"] == "fp":
+                if r["model"] != model or r["method"] == "fp" or any(k not in r for k in (*NOISE_METRICS, "fid_to_fp")):
                     continue
                 verdict = {m: bands[m].judge(r[m]) for m in NOISE_METRICS}
                 judged.append({
                     "method": r["method"], "file": f.name, "commit": r.get("commit", qdoc.get("commit")),
                     "effective_bits": r.get("effective_bits"),
-                    "fid_to_fp": r.get("fid_to_fp"),
-                    "fid_to_fp_over_fp_rerun": r["fid_to_fp"] / cross_mean if "fid_to_fp" in r else None,
+                    "fid_to_fp": r["fid_to_fp"],
+                    "fid_to_fp_over_fp_rerun": r["fid_to_fp"] / cross_mean,
                     "within_band_on": [m for m in NOISE_METRICS if verdict[m]["within_band"]],
                     "outside_band_on": [m for m in NOISE_METRICS if not verdict[m]["within_band"]],
                     "metrics": verdict,
