@@ -24,20 +24,19 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
-def _quality_files(size: str) -> list[Path]:
-    return sorted(p for p in RESULTS.glob(f"quality-{size}*.json") if p.is_file())
+def _quality_docs(size: str, n: int) -> dict[str, dict]:
+    """file name -> results document, for every `quality-SIZE*.json` at n samples."""
+    docs = {p.name: json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"quality-{size}*.json")) if p.is_file()}
+    return {name: d for name, d in docs.items() if d.get("n") == n}
 
 
-def _fp_rows(files: list[Path], n: int) -> dict[str, dict[int, dict]]:
-    """model -> seed -> the FP row (with the file it came from), from every results file at n samples."""
+def _fp_rows(docs: dict[str, dict]) -> dict[str, dict[int, dict]]:
+    """model -> seed -> the FP row (with the file it came from)."""
     out: dict[str, dict[int, dict]] = {}
-    for f in files:
-        doc = json.loads(f.read_text())
-        if doc.get("n") != n:
-            continue
+    for name, doc in docs.items():
         for r in doc["rows"]:
             if r["method"] == "fp":
-                out.setdefault(r["model"], {}).setdefault(doc.get("seed", 0), {**r, "file": f.name})
+                out.setdefault(r["model"], {}).setdefault(doc.get("seed", 0), {**r, "file": name})
     return out
 
 
@@ -59,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     from diffquant.provenance import provenance
 
     n = SIZES[args.size]
-    files = _quality_files(args.size)
-    fp = _fp_rows(files, n)
+    docs = _quality_docs(args.size, n)
+    fp = _fp_rows(docs)
     doc: dict = {"benchmark": "fp-noise", "size": args.size, "n": n, "level": args.level, "models": {}, **provenance()}
     for model, by_seed in sorted(fp.items()):
         if 0 not in by_seed or len(by_seed) < 2:
@@ -85,16 +84,15 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{model}: no FP samples at another seed in runs/cache/samples: run with --sample-missing")
         cross_mean = sum(cross.values()) / len(cross)
         judged = []
-        for f in files:
-            qdoc = json.loads(f.read_text())
-            if qdoc.get("n") != n or qdoc.get("seed", 0) != 0:
+        for name, qdoc in docs.items():
+            if qdoc.get("seed", 0) != 0:
                 continue
             for r in qdoc["rows"]:
                 if r["model"] != model or r["method"] == "fp" or any(k not in r for k in (*NOISE_METRICS, "fid_to_fp")):
                     continue
                 verdict = {m: bands[m].judge(r[m]) for m in NOISE_METRICS}
                 judged.append({
-                    "method": r["method"], "file": f.name, "commit": r.get("commit", qdoc.get("commit")),
+                    "method": r["method"], "file": name, "commit": r.get("commit", qdoc.get("commit")),
                     "effective_bits": r.get("effective_bits"),
                     "fid_to_fp": r["fid_to_fp"],
                     "fid_to_fp_over_fp_rerun": r["fid_to_fp"] / cross_mean,
