@@ -72,9 +72,9 @@ def noise_verdicts(file: str, model: str, label: str) -> str:
     """FP's band per metric over its seeds, then every quantized row: FID-to-FP against FP's own rerun,
     and the metrics on which it falls outside the band (z in FP standard deviations)."""
     path = RESULTS / file
-    if not path.exists() or model not in json.loads(path.read_text())["models"]:
+    doc = json.loads(path.read_text()) if path.exists() else {"models": {}}
+    if model not in doc["models"]:
         return ""
-    doc = json.loads(path.read_text())
     d = doc["models"][model]
     names = {"fid": "FID", "sfid": "sFID", "is": "IS", "precision": "precision", "recall": "recall",
              "class_accuracy": "accuracy"}

@@ -3,7 +3,7 @@
 import pytest
 
 from diffquant.sensitivity.explain import descend
-from diffquant.sensitivity.pipeline import _descent_bases, extra_option_list
+from diffquant.sensitivity.pipeline import _descent_bases, extra_option_list, gain_weighted
 from diffquant.sensitivity.predictor import summed_error
 from diffquant.sensitivity.space import Option, SearchSpace, all_options
 
@@ -30,7 +30,7 @@ def test_gain_weighted_descent_keeps_the_high_gain_layer_at_8_bits(tiny_dit):
     space = SearchSpace(tiny_dit, all_options(bits=(2, 4, 8), methods=("uaq",))).build(progress=False)
     loud = "proj_out_1"
     gain = {n: 1000.0 if n == loud else 1.0 for n in space.layers}
-    gained = {n: {k: gain[n] * e for k, e in errs.items()} for n, errs in space.rel_error.items()}
+    gained = gain_weighted(space.rel_error, gain)
     config = descend(space, Option("uaq", 8), 4.0, lambda cs: summed_error(space, cs, gained), any_method=True)
     assert space.effective_bits(config) <= 4.0
     assert config[loud] == Option("uaq", 8)

@@ -117,7 +117,7 @@ def run(model_name: str, out: str | Path, target_bits: list[float], act_bits: in
 
     # the same, each layer's output error scaled by its measured gain to the denoiser's output (LAQ's
     # sensitivity): the predictors never saw options beyond 4 bits, so they cannot say which layers need 8
-    gained = {n: {k: gain[n] * e for k, e in errs.items()} for n, errs in full.out_error.items()}
+    gained = gain_weighted(full.out_error, gain)
 
     def gain_error(cs):
         return summed_error(full, cs, gained)
@@ -176,6 +176,12 @@ def extra_option_list(extras: tuple[str, ...]) -> list[Option]:
     for e in extras:
         out += [Option.parse(e)] if e[-1:].isdigit() else all_options(methods=(e,))
     return out
+
+
+def gain_weighted(errors: dict[str, dict[str, float]], gain: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Each layer's per-option output errors scaled by its gain to the denoiser's output: the cost the
+    gain-weighted descents sum."""
+    return {n: {k: gain[n] * e for k, e in errs.items()} for n, errs in errors.items()}
 
 
 def _with_extra_options(space: SearchSpace, model, scheduler, extras: tuple[str, ...], cache_dir: Path,
