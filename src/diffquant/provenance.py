@@ -9,6 +9,10 @@ from pathlib import Path
 
 
 def git_commit() -> str:
+    """HEAD (with -dirty for uncommitted changes to tracked files); DIFFQUANT_COMMIT overrides it where a
+    copy of the tree travels without its .git (a borrowed GPU machine)."""
+    if os.environ.get("DIFFQUANT_COMMIT"):
+        return os.environ["DIFFQUANT_COMMIT"]
     root = Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)

@@ -148,26 +148,66 @@ def test_lut_rejects_mismatched_input():
         cpu.aq_linear(torch.randn(2, 24), kcb, kcodes, kscale, None)
 
 
-def test_triton_interpreter_equals_reference():
-    """The Triton kernel through Triton's CPU interpreter (a fresh process: the interpreter flag is read
-    at import)."""
-    pytest.importorskip("triton")
-    code = """
+_TRITON_CASES = """
 import torch
 from diffquant.kernels import triton_kernels as tk
+from diffquant.kernels.cpu import kernel_layout
 from diffquant.kernels.reference import dequant_linear
+dev = torch.device(DEVICE)
 g = torch.Generator().manual_seed(3)
-for t, i, o, m, b, gs in [(1, 48, 37, 2, 4, 8), (19, 45, 21, 3, 8, 9)]:
+cases = [(1, 48, 37, 2, 4, 8), (19, 45, 21, 3, 8, 9), (2, 16, 9, 1, 16, 8)] + EXTRA
+for t, i, o, m, b, gs in cases:
     cb = torch.randn(m, 1 << b, gs, generator=g); s = torch.rand(o, generator=g); bias = torch.randn(o, generator=g)
-    codes = torch.randint(0, 1 << b, (o, i // gs, m), generator=g, dtype=torch.uint8)
+    codes = torch.randint(0, 1 << b, (o, i // gs, m), generator=g)
     x = torch.randn(t, i, generator=g)
-    y = tk.aq_linear(x, cb, codes, s, bias, block_o=32, block_i=32)
     r = dequant_linear(x, cb, codes, s, bias)
-    assert (y - r).abs().max() <= 1e-4 * r.abs().max(), (y - r).abs().max()
+    kcb, kcodes, ks = (v.to(dev) for v in kernel_layout(codes, cb, s, b))
+    for path in ("gemv", "matmul"):
+        for blocks in BLOCKS:
+            y = tk.aq_linear(x.to(dev), kcb, kcodes, ks, bias.to(dev), path=path, **blocks).cpu()
+            err = (y - r).abs().max() / r.abs().max()
+            assert err <= 1e-4, (t, i, o, m, b, gs, path, blocks, float(err))
 print("ok")
 """
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def _run_triton_cases(device: str, extra: str, blocks: str, interpret: bool) -> None:
+    code = _TRITON_CASES.replace("DEVICE", repr(device)).replace("EXTRA", extra).replace("BLOCKS", blocks)
+    env = dict(os.environ, TRITON_INTERPRET="1") if interpret else dict(os.environ)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     if "No module named" in r.stderr:
         pytest.skip(r.stderr.strip().splitlines()[-1])
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_triton_interpreter_equals_reference():
+    """Both Triton paths through Triton's CPU interpreter (a fresh process: the flag is read at import), on
+    odd sizes, 4- to 16-bit codes (16-bit codes are stored as signed int16) and groups of 8 and 9."""
+    pytest.importorskip("triton")
+    _run_triton_cases("cpu", "[]", '[{"block_o": 32, "block_i": 32}]', interpret=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_gpu_equals_reference():
+    """On a real GPU: autotuned and fixed blocks, batch 1 to 1000 tokens, real-model and odd widths."""
+    pytest.importorskip("triton")
+    extra = ("[(1, 1152, 3456, 1, 8, 8), (1000, 1152, 1152, 2, 8, 8), (257, 320, 333, 2, 8, 8),"
+             " (3, 4608, 1152, 1, 8, 8)]")
+    _run_triton_cases("cuda", extra, '[{}, {"block_t": 16, "block_o": 32, "block_i": 32}]', interpret=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_modules_on_gpu_take_the_triton_path():
+    pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(4)
+    lin, _ = _modules(gen)
+    lin = lin.cuda()
+    x = torch.randn(7, 64, generator=gen).cuda()
+    with torch.no_grad():
+        with dispatch.force("reference"):
+            ref = lin(x)
+        with dispatch.force("triton"):
+            _close(lin(x).cpu(), ref.cpu())
+            lin.free_dense()
+            _close(lin(x).cpu(), ref.cpu())
+        assert dispatch.choose(x.device, 1, 40, 64, 2, 256, 8) == "triton"

@@ -2,8 +2,10 @@
 
 Paths: `reference` (dequantize, then torch's dense op: exact, the fallback), `lut` (the C++ lookup-table
 kernel, CPU) and `triton` (dequantize-in-the-tile, GPU). `auto` picks `triton` on CUDA when Triton is
-installed, and on the CPU `lut` whenever the layer's FLOP bound (dense multiply-adds over lookup
-operations, `flop_bound`) and its weight size (in*out) both reach the break-even measured by
+installed and the token count is at most the measured `gpu.max_tokens_triton` (beyond it cuBLAS on
+the dense weight wins; `benchmarks/kernels_gpu.py --write-thresholds`), and on the CPU `lut` whenever
+the layer's FLOP bound (dense multiply-adds over lookup operations, `flop_bound`) and its weight size
+(in*out) both reach the break-even measured by
 `benchmarks/kernels.py` for the nearest token count (shipped in `thresholds.json`; the benchmark's
 `--write-thresholds` refreshes it): small layers lose to per-call costs whatever their bound. Force one
 with the environment variable DIFFQUANT_AQ_KERNEL=reference|lut|triton or `with force("lut"):`; a
@@ -66,6 +68,15 @@ def thresholds() -> dict[int, tuple[float, int]]:
     return _cache["t"]
 
 
+def gpu_max_tokens() -> int:
+    """Token count up to which the Triton path was measured faster than cuBLAS fp32 on every shape; with
+    no GPU measurement shipped, every count (the kernel never holds a dense weight)."""
+    if "gpu" not in _cache:
+        meta = json.loads(_THRESHOLDS.read_text()) if _THRESHOLDS.exists() else {}
+        _cache["gpu"] = int(meta.get("gpu", {}).get("max_tokens_triton", 1 << 62))
+    return _cache["gpu"]
+
+
 def _lut_ok() -> bool:
     if "lut" not in _cache:
         from diffquant.kernels import cpu
@@ -81,7 +92,9 @@ def choose(device: torch.device, tokens: int, out: int, in_flat: int, m: int, k:
     if device.type == "cuda":
         from diffquant.kernels import triton_kernels
 
-        return "triton" if triton_kernels.available() else "reference"
+        if not triton_kernels.available():
+            return "reference"
+        return "triton" if tokens <= gpu_max_tokens() else "reference"
     if device.type != "cpu" or not _lut_ok():
         return "reference"
     t = thresholds()

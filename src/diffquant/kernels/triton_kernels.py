@@ -1,14 +1,18 @@
-"""Triton GPU kernel for additive-codebook weights: dequantize-in-the-tile matrix product.
+"""Triton GPU kernels for additive-codebook weights: a direct path for few tokens, a tiled product for many.
 
-Each program owns a (BLOCK_T tokens x BLOCK_O outputs) tile of y and walks the input in BLOCK_I
-chunks: it rebuilds that chunk of the weight from the codes (M gathers from the fp16/fp32
-codebooks, summed) in registers and multiplies it with the input chunk by `tl.dot`; the per-row
-scale and the bias are applied once at the end. The dense weight never exists in GPU memory. For
-few tokens the same kernel runs with the smallest token block `tl.dot` accepts (16): the direct
-path, whose cost is the code and codebook reads, i.e. the compressed weight bytes.
+- `_aq_gemv_kernel` (few tokens, `aq_linear`'s default up to GEMV_MAX_TOKENS): one program per
+  (BLOCK_O outputs, token) rebuilds its rows of the weight from the codes (M gathers from the codebooks,
+  summed) chunk by chunk and reduces them against the token's input. No `tl.dot`, so nothing is padded
+  to 16 tokens: its cost is reading the codes and codebooks, i.e. the compressed weight bytes.
+- `_aq_matmul_kernel` (many tokens): each program owns a (BLOCK_T tokens x BLOCK_O outputs) tile of y
+  and walks the input in BLOCK_I chunks, rebuilding that chunk of the weight in registers and
+  multiplying it with the input chunk by `tl.dot` (dequantize-in-the-tile). The dense weight never
+  exists in GPU memory.
 
-Tested on the CPU through Triton's interpreter (TRITON_INTERPRET=1, tests/kernels); timed on a GPU by
-`benchmarks/kernels_gpu.py` whenever one is available.
+Both apply the per-row scale and the bias once at the end. On a GPU the block sizes come from Triton's
+autotuner, keyed on the shape; explicit blocks (the tests, the CPU interpreter) skip it. Tested on the
+CPU through TRITON_INTERPRET=1 and on a GPU by tests/kernels when one is present; timed by
+`benchmarks/kernels_gpu.py`.
 """
 
 from __future__ import annotations
@@ -21,12 +25,27 @@ try:
 except ImportError:  # the optional GPU path; dispatch never picks it then
     triton = None
 
+GEMV_MAX_TOKENS = 8  # default switch from the direct path to the tiled product (measured: kernels_gpu.py)
+
 
 def available() -> bool:
     return triton is not None
 
 
 if triton is not None:
+
+    @triton.jit
+    def _decode(codes_ptr, cb_ptr, offs_o, offs_i, wmask, J, M: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
+                BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+        """The (BLOCK_O, BLOCK_I) weight chunk: sum over the M codebooks of the selected codewords."""
+        j = offs_i // G
+        k = offs_i % G
+        w = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+        for m in tl.static_range(M):
+            code = tl.load(codes_ptr + (offs_o[:, None] * J + j[None, :]) * M + m, mask=wmask, other=0)
+            code = code.to(tl.int32) & (K - 1)  # int16 storage of 16-bit codes is signed
+            w += tl.load(cb_ptr + (m * K + code) * G + k[None, :], mask=wmask, other=0.0).to(tl.float32)
+        return w
 
     @triton.jit
     def _aq_matmul_kernel(x_ptr, codes_ptr, cb_ptr, scale_ptr, bias_ptr, y_ptr, T, IN, OUT, J,
@@ -42,14 +61,8 @@ if triton is not None:
             mask_i = offs_i < IN
             x = tl.load(x_ptr + offs_t[:, None] * IN + offs_i[None, :],
                         mask=(offs_t[:, None] < T) & mask_i[None, :], other=0.0)
-            j = offs_i // G
-            k = offs_i % G
-            wmask = (offs_o[:, None] < OUT) & mask_i[None, :]
-            w = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
-            for m in tl.static_range(M):
-                code = tl.load(codes_ptr + (offs_o[:, None] * J + j[None, :]) * M + m, mask=wmask, other=0)
-                word = cb_ptr + (m * K + code.to(tl.int32)) * G + k[None, :]
-                w += tl.load(word, mask=wmask, other=0.0).to(tl.float32)
+            w = _decode(codes_ptr, cb_ptr, offs_o, offs_i, (offs_o[:, None] < OUT) & mask_i[None, :], J, M, K, G,
+                        BLOCK_O, BLOCK_I)
             if IEEE:
                 acc += tl.dot(x, tl.trans(w), input_precision="ieee")
             else:
@@ -61,12 +74,52 @@ if triton is not None:
         out_mask = (offs_t[:, None] < T) & (offs_o[None, :] < OUT)
         tl.store(y_ptr + offs_t[:, None] * OUT + offs_o[None, :], acc, mask=out_mask)
 
+    @triton.jit
+    def _aq_gemv_kernel(x_ptr, codes_ptr, cb_ptr, scale_ptr, bias_ptr, y_ptr, T, IN, OUT, J,
+                        M: tl.constexpr, K: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+        pid_o = tl.program_id(0)
+        t = tl.program_id(1)
+        offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+        acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
+        for i0 in range(0, IN, BLOCK_I):
+            offs_i = i0 + tl.arange(0, BLOCK_I)
+            mask_i = offs_i < IN
+            x = tl.load(x_ptr + t * IN + offs_i, mask=mask_i, other=0.0)
+            w = _decode(codes_ptr, cb_ptr, offs_o, offs_i, (offs_o[:, None] < OUT) & mask_i[None, :], J, M, K, G,
+                        BLOCK_O, BLOCK_I)
+            acc += tl.sum(w * x[None, :], axis=1)
+        s = tl.load(scale_ptr + offs_o, mask=offs_o < OUT, other=0.0)
+        acc = acc * s
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_o, mask=offs_o < OUT, other=0.0)
+        tl.store(y_ptr + t * OUT + offs_o, acc, mask=offs_o < OUT)
+
+    _MM_CONFIGS = [triton.Config({"BLOCK_T": bt, "BLOCK_O": bo, "BLOCK_I": bi}, num_warps=w, num_stages=s)
+                   for bt, bo, bi, w, s in [(16, 32, 64, 4, 2), (16, 64, 64, 4, 2), (32, 64, 64, 4, 2),
+                                            (64, 64, 32, 4, 2), (64, 64, 64, 4, 3), (64, 128, 32, 4, 3),
+                                            (128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 128, 64, 8, 2)]]
+    _GEMV_CONFIGS = [triton.Config({"BLOCK_O": bo, "BLOCK_I": bi}, num_warps=w)
+                     for bo, bi, w in [(8, 128, 2), (16, 64, 2), (16, 128, 4), (32, 64, 4), (32, 128, 4),
+                                       (64, 64, 4), (64, 128, 8), (128, 32, 4)]]
+
+    def _short_bench(fn, quantiles=None):
+        """Autotuning with Triton's default 100 ms per config would take minutes per model; 20 ms ranks them."""
+        return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+    _aq_matmul_tuned = triton.autotune(_MM_CONFIGS, key=["T", "IN", "OUT", "M", "IEEE"],
+                                       do_bench=_short_bench)(_aq_matmul_kernel)
+    _aq_gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["T", "IN", "OUT", "M"], do_bench=_short_bench)(_aq_gemv_kernel)
+
 
 def aq_linear(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
-              bias: torch.Tensor | None, ieee: bool = True, block_t: int | None = None, block_o: int = 64,
-              block_i: int = 64) -> torch.Tensor:
-    """x (..., in) @ W^T + bias on x's device (a GPU, or the CPU under TRITON_INTERPRET=1). `ieee=False`
-    lets tl.dot use TF32 on GPUs that have it (faster, ~1e-3 relative error)."""
+              bias: torch.Tensor | None, ieee: bool = True, path: str | None = None, block_t: int | None = None,
+              block_o: int | None = None, block_i: int | None = None) -> torch.Tensor:
+    """x (..., in) @ W^T + bias on x's device (a GPU, or the CPU under TRITON_INTERPRET=1).
+
+    `path` is "gemv" (direct, few tokens) or "matmul" (tiled); None picks gemv up to GEMV_MAX_TOKENS.
+    `ieee=False` lets the tiled product use TF32 on GPUs that have it (faster, ~1e-3 relative error).
+    Block sizes default to the autotuner on a GPU and to 16/64/64 elsewhere."""
     if triton is None:
         raise RuntimeError("the Triton path needs `pip install triton`")
     lead, n_in = x.shape[:-1], x.shape[-1]
@@ -75,10 +128,27 @@ def aq_linear(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, sca
     k, g = codebooks.shape[1], codebooks.shape[2]
     if groups * g != n_in:
         raise ValueError(f"input has {n_in} features, the AQ weight expects {groups * g}")
+    if path not in (None, "gemv", "matmul"):
+        raise ValueError(f"unknown Triton path {path!r}; choose 'gemv' or 'matmul'")
+    path = path or ("gemv" if n_tok <= GEMV_MAX_TOKENS else "matmul")
     y = torch.empty(n_tok, out, device=x.device, dtype=torch.float32)
-    bt = block_t or (16 if n_tok <= 16 else 32 if n_tok <= 64 else 64)
-    grid = (triton.cdiv(n_tok, bt), triton.cdiv(out, block_o))
-    _aq_matmul_kernel[grid](x2, codes.contiguous(), codebooks.contiguous(), scale.float().contiguous(),
-                            bias if bias is not None else scale, y, n_tok, n_in, out, groups, M=m, K=k, G=g,
-                            HAS_BIAS=bias is not None, IEEE=ieee, BLOCK_T=bt, BLOCK_O=block_o, BLOCK_I=block_i)
+    if n_tok == 0:
+        return y.reshape(*lead, out)
+    args = (x2, codes.contiguous(), codebooks.contiguous(), scale.float().contiguous(),
+            bias if bias is not None else scale, y, n_tok, n_in, out, groups)
+    common = {"M": m, "K": k, "G": g, "HAS_BIAS": bias is not None}
+    tuned = x.is_cuda and block_o is None and block_i is None and block_t is None
+    if path == "gemv":
+        if tuned:
+            _aq_gemv_tuned[lambda c: (triton.cdiv(out, c["BLOCK_O"]), n_tok)](*args, **common)
+        else:
+            bo, bi = block_o or 64, block_i or 64
+            _aq_gemv_kernel[(triton.cdiv(out, bo), n_tok)](*args, **common, BLOCK_O=bo, BLOCK_I=bi)
+    elif tuned:
+        grid = lambda c: (triton.cdiv(n_tok, c["BLOCK_T"]), triton.cdiv(out, c["BLOCK_O"]))  # noqa: E731
+        _aq_matmul_tuned[grid](*args, **common, IEEE=ieee)
+    else:
+        bt, bo, bi = block_t or 16, block_o or 64, block_i or 64
+        _aq_matmul_kernel[(triton.cdiv(n_tok, bt), triton.cdiv(out, bo))](*args, **common, IEEE=ieee, BLOCK_T=bt,
+                                                                           BLOCK_O=bo, BLOCK_I=bi)
     return y.reshape(*lead, out)
