@@ -22,6 +22,7 @@ import torch
 try:
     import triton
     import triton.language as tl
+    import triton.testing
 except ImportError:  # the optional GPU path; dispatch never picks it then
     triton = None
 
