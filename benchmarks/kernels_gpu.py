@@ -5,15 +5,17 @@ and 2x8 codebooks (g = 8). Implementations, side by side in one process:
 - `cublas_fp32` (the baseline: torch's dense fp32 product on a cached dense weight, TF32 off),
   `cublas_tf32`, `cublas_fp16`, `cublas_bf16`: the dense peers, each on its own cached weight;
 - `dequant_dense`: rebuild the fp32 weight from the codes (embedding_bag), then cuBLAS fp32;
-- `triton_gemv` (up to 64 tokens): the direct path; `triton_mm` (fp32 IEEE `tl.dot`) and
+- `triton_gemv` (up to 64 tokens): the direct path; `triton_dequant`: the weight rebuilt by one Triton
+  kernel, then cuBLAS fp32 (the default beyond a few tokens); `triton_mm` (fp32 IEEE `tl.dot`) and
   `triton_mm_tf32`: the dequantize-in-the-tile product. Triton's autotuner picks the blocks (recorded).
 Every row checks its output against the fp32 product of the dequantized weight (`max_rel_error`).
 Each timing is the median of --reps samples, each sample the mean of 20 back-to-back calls between two
-CUDA events, launch costs included (what a caller sees). `--e2e` adds one forward of DiT-XL/2's 112
-linears (28 blocks: qkv, proj, fc1 + GELU, fc2; 256 tokens per image) at batch 1 and 8: wall time,
-weight memory and the forward's peak GPU memory above it, per implementation. `--write-thresholds`
-stores the largest token count at which the Triton path beat cuBLAS fp32 on every shape, which
-dispatch reads on CUDA.
+CUDA events, launch costs included (`median_ms`: what an eager caller sees), and again replaying a CUDA
+graph of the 20 calls (`graph_ms`: the kernels alone; speedups in `graph_speedup_vs_fp32`). `--e2e`
+adds one forward of DiT-XL/2's 112 linears (28 blocks: qkv, proj, fc1 + GELU, fc2; 256 tokens per
+image) at batch 1 and 8: wall time, weight memory and the forward's peak GPU memory above it, per
+implementation. `--write-thresholds` stores the largest token count at which the Triton path beat
+cuBLAS fp32 on every shape, which dispatch reads on CUDA.
 
     python benchmarks/kernels_gpu.py --e2e --json benchmarks/results/kernels-gpu.json
 """
@@ -57,6 +59,28 @@ def cuda_ms(fn, reps: int, inner: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def graph_ms(fn, reps: int, inner: int = 20) -> float | None:
+    """The same timing replaying a CUDA graph of `inner` calls: the kernels alone, without Python's
+    launch costs (how a deployment at batch 1 runs them, e.g. torch.compile's reduce-overhead).
+    None if the implementation cannot be captured."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(inner):
+                fn()
+    except RuntimeError as err:
+        print(f"  (no CUDA graph: {str(err).splitlines()[0][:100]})")
+        torch.cuda.synchronize()
+        return None
+    return cuda_ms(graph.replay, reps, inner=1) / inner
+
+
 def _tf32(fn):
     def run():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -78,6 +102,8 @@ def make_impls(x, w32, cb, codes8, scale, bias) -> dict:
              "cublas_fp16": (lambda: F.linear(x16, w16, b16), 2 * n_in * n_out),
              "cublas_bf16": (lambda: F.linear(xb, wb, bb), 2 * n_in * n_out),
              "dequant_dense": (lambda: dequant_linear(x, cb, codes8, scale, bias), aq_bytes),
+             "triton_dequant": (lambda: triton_kernels.aq_linear(x, cb, codes8, scale, bias, path="dequant"),
+                                aq_bytes),
              "triton_mm": (lambda: triton_kernels.aq_linear(x, cb, codes8, scale, bias, path="matmul"), aq_bytes),
              "triton_mm_tf32": (lambda: triton_kernels.aq_linear(x, cb, codes8, scale, bias, path="matmul",
                                                                  ieee=False), aq_bytes)}
@@ -104,16 +130,19 @@ def kernel_rows(reps: int, tokens: tuple[int, ...], linears: dict) -> list[dict]
             for t in tokens:
                 x = torch.randn(t, n_in, device=dev)
                 ref = F.linear(x.double(), w32.double(), bias.double())
-                base = None
+                base = gbase = None
                 for impl, (fn, wbytes) in make_impls(x, w32, cb, codes8, scale, bias).items():
                     err = ((fn().double() - ref).abs().max() / ref.abs().max()).item()
-                    ms = cuda_ms(fn, reps)
-                    base = base or ms
+                    ms, gms = cuda_ms(fn, reps), graph_ms(fn, reps)
+                    base, gbase = base or ms, gbase or gms
                     rows.append({"layer": name, "in": n_in, "out": n_out, "tokens": t, "config": cfg, "impl": impl,
                                  "median_ms": round(ms, 5), "speedup_vs_fp32": round(base / ms, 3),
+                                 "graph_ms": gms and round(gms, 5),
+                                 "graph_speedup_vs_fp32": gms and gbase and round(gbase / gms, 3),
                                  "weight_bytes": wbytes, "flops": 2 * t * n_in * n_out,
                                  "max_rel_error": float(f"{err:.2e}"), "blocks": _best_config(impl)})
-                    print(f"{name} {cfg} T={t} {impl} {ms:.4f} ms x{base / ms:.2f} err {err:.1e}", flush=True)
+                    print(f"{name} {cfg} T={t} {impl} {ms:.4f} ms x{base / ms:.2f} graph {gms} err {err:.1e}",
+                          flush=True)
     return rows
 
 
@@ -138,7 +167,9 @@ def e2e_rows(reps: int, batches: tuple[int, ...]) -> list[dict]:
             cb, codes, s, b = layers[i]
             if impl == "dequant_dense":
                 return dequant_linear(x, cb, codes, s, b)
-            return triton_kernels.aq_linear(x, cb, codes, s, b, ieee=impl != "triton_tf32")
+            if impl == "triton_mm_tf32":
+                return triton_kernels.aq_linear(x, cb, codes, s, b, path="matmul", ieee=False)
+            return triton_kernels.aq_linear(x, cb, codes, s, b)  # its default path for the token count
         return lin
 
     def dense(dtype):
@@ -148,7 +179,7 @@ def e2e_rows(reps: int, batches: tuple[int, ...]) -> list[dict]:
 
     aq_bytes = sum(c.numel() + cb.numel() * 2 + s.numel() * 2 for cb, c, s, _ in layers)
     rows = []  # weights_mib: what the layers hold; work_peak_mib: the forward's own peak above that
-    for impl in ("fp32_dense", "fp16_dense", "dequant_dense", "triton", "triton_tf32"):
+    for impl in ("fp32_dense", "fp16_dense", "dequant_dense", "triton", "triton_mm_tf32"):
         torch.cuda.empty_cache()
         if impl.endswith("_dense") and impl != "dequant_dense":
             dtype = torch.float32 if impl == "fp32_dense" else torch.float16
@@ -176,7 +207,7 @@ def gpu_max_tokens(rows: list[dict]) -> int:
     """Largest token count up to which the best Triton path beat cuBLAS fp32 on every shape and config."""
     best: dict = {}
     for r in rows:
-        if r["impl"] in ("triton_gemv", "triton_mm"):
+        if r["impl"] in ("triton_gemv", "triton_dequant", "triton_mm"):
             key = (r["layer"], r["config"], r["tokens"])
             best[key] = max(best.get(key, 0.0), r["speedup_vs_fp32"])
     limit = 0

@@ -152,6 +152,7 @@ _TRITON_CASES = """
 import torch
 from diffquant.kernels import triton_kernels as tk
 from diffquant.kernels.cpu import kernel_layout
+from diffquant.formats.additive import dequantize_additive
 from diffquant.kernels.reference import dequant_linear
 dev = torch.device(DEVICE)
 g = torch.Generator().manual_seed(3)
@@ -162,7 +163,9 @@ for t, i, o, m, b, gs in cases:
     x = torch.randn(t, i, generator=g)
     r = dequant_linear(x, cb, codes, s, bias)
     kcb, kcodes, ks = (v.to(dev) for v in kernel_layout(codes, cb, s, b))
-    for path in ("gemv", "matmul"):
+    w = tk.aq_dequantize(kcb, kcodes, ks).cpu()
+    assert (w - dequantize_additive(codes, cb, s)).abs().max() <= 1e-6 * w.abs().max()
+    for path in ("gemv", "dequant", "matmul"):
         for blocks in BLOCKS:
             y = tk.aq_linear(x.to(dev), kcb, kcodes, ks, bias.to(dev), path=path, **blocks).cpu()
             err = (y - r).abs().max() / r.abs().max()

@@ -4,10 +4,14 @@
   (BLOCK_O outputs, token) rebuilds its rows of the weight from the codes (M gathers from the codebooks,
   summed) chunk by chunk and reduces them against the token's input. No `tl.dot`, so nothing is padded
   to 16 tokens: its cost is reading the codes and codebooks, i.e. the compressed weight bytes.
-- `_aq_matmul_kernel` (many tokens): each program owns a (BLOCK_T tokens x BLOCK_O outputs) tile of y
-  and walks the input in BLOCK_I chunks, rebuilding that chunk of the weight in registers and
-  multiplying it with the input chunk by `tl.dot` (dequantize-in-the-tile). The dense weight never
-  exists in GPU memory.
+- `_aq_dequant_kernel` + cuBLAS (many tokens, the default beyond GEMV_MAX_TOKENS): rebuild the scaled
+  fp32 weight in one pass over the codes, multiply with cuBLAS, drop it. Measured on an H100
+  (benchmarks/kernels_gpu.py), no fp32 Triton product came near cuBLAS at hundreds of tokens, so the
+  tensor cores do the product and the weight lives as codes between calls.
+- `_aq_matmul_kernel` (forceable, `path="matmul"`): each program owns a (BLOCK_T tokens x BLOCK_O
+  outputs) tile of y and walks the input in BLOCK_I chunks, rebuilding that chunk of the weight in
+  registers and multiplying it with the input chunk by `tl.dot` (dequantize-in-the-tile). The dense
+  weight never exists in GPU memory, not even for one layer.
 
 Both apply the per-row scale and the bias once at the end. On a GPU the block sizes come from Triton's
 autotuner, keyed on the shape; explicit blocks (the tests, the CPU interpreter) skip it. Tested on the
@@ -26,7 +30,7 @@ try:
 except ImportError:  # the optional GPU path; dispatch never picks it then
     triton = None
 
-GEMV_MAX_TOKENS = 8  # default switch from the direct path to the tiled product (measured: kernels_gpu.py)
+GEMV_MAX_TOKENS = 8  # default switch from the direct path to dequantize + cuBLAS (measured: kernels_gpu.py)
 
 
 def available() -> bool:
@@ -96,6 +100,16 @@ if triton is not None:
             acc += tl.load(bias_ptr + offs_o, mask=offs_o < OUT, other=0.0)
         tl.store(y_ptr + t * OUT + offs_o, acc, mask=offs_o < OUT)
 
+    @triton.jit
+    def _aq_dequant_kernel(codes_ptr, cb_ptr, scale_ptr, w_ptr, IN, OUT, J, M: tl.constexpr, K: tl.constexpr,
+                           G: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+        offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+        offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+        wmask = (offs_o[:, None] < OUT) & (offs_i[None, :] < IN)
+        w = _decode(codes_ptr, cb_ptr, offs_o, offs_i, wmask, J, M, K, G, BLOCK_O, BLOCK_I)
+        s = tl.load(scale_ptr + offs_o, mask=offs_o < OUT, other=0.0)
+        tl.store(w_ptr + offs_o[:, None] * IN + offs_i[None, :], w * s[:, None], mask=wmask)
+
     _MM_CONFIGS = [triton.Config({"BLOCK_T": bt, "BLOCK_O": bo, "BLOCK_I": bi}, num_warps=w, num_stages=s)
                    for bt, bo, bi, w, s in [(16, 32, 64, 4, 2), (16, 64, 64, 4, 2), (32, 64, 64, 4, 2),
                                             (64, 64, 32, 4, 2), (64, 64, 64, 4, 3), (64, 128, 32, 4, 3),
@@ -113,13 +127,28 @@ if triton is not None:
     _aq_gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["T", "IN", "OUT", "M"], do_bench=_short_bench)(_aq_gemv_kernel)
 
 
+def aq_dequantize(codebooks: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The scaled fp32 weight (out, groups * g) rebuilt from the codes on their device, in one kernel."""
+    if triton is None:
+        raise RuntimeError("the Triton path needs `pip install triton`")
+    out, groups, m = codes.shape
+    k, g = codebooks.shape[1], codebooks.shape[2]
+    w = torch.empty(out, groups * g, device=codes.device, dtype=torch.float32)
+    bo, bi = 32, 128
+    _aq_dequant_kernel[(triton.cdiv(out, bo), triton.cdiv(groups * g, bi))](
+        codes.contiguous(), codebooks.contiguous(), scale.float().contiguous(), w, groups * g, out, groups,
+        M=m, K=k, G=g, BLOCK_O=bo, BLOCK_I=bi)
+    return w
+
+
 def aq_linear(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
               bias: torch.Tensor | None, ieee: bool = True, path: str | None = None, block_t: int | None = None,
               block_o: int | None = None, block_i: int | None = None) -> torch.Tensor:
     """x (..., in) @ W^T + bias on x's device (a GPU, or the CPU under TRITON_INTERPRET=1).
 
-    `path` is "gemv" (direct, few tokens) or "matmul" (tiled); None picks gemv up to GEMV_MAX_TOKENS.
-    `ieee=False` lets the tiled product use TF32 on GPUs that have it (faster, ~1e-3 relative error).
+    `path` is "gemv" (direct, few tokens), "dequant" (rebuild the weight, then cuBLAS fp32) or "matmul"
+    (tiled); None picks gemv up to GEMV_MAX_TOKENS, dequant beyond. `ieee=False` lets the tiled product
+    use TF32 on GPUs that have it (faster, ~1e-3 relative error).
     Block sizes default to the autotuner on a GPU and to 16/64/64 elsewhere."""
     if triton is None:
         raise RuntimeError("the Triton path needs `pip install triton`")
@@ -129,9 +158,11 @@ def aq_linear(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, sca
     k, g = codebooks.shape[1], codebooks.shape[2]
     if groups * g != n_in:
         raise ValueError(f"input has {n_in} features, the AQ weight expects {groups * g}")
-    if path not in (None, "gemv", "matmul"):
-        raise ValueError(f"unknown Triton path {path!r}; choose 'gemv' or 'matmul'")
-    path = path or ("gemv" if n_tok <= GEMV_MAX_TOKENS else "matmul")
+    if path not in (None, "gemv", "dequant", "matmul"):
+        raise ValueError(f"unknown Triton path {path!r}; choose 'gemv', 'dequant' or 'matmul'")
+    path = path or ("gemv" if n_tok <= GEMV_MAX_TOKENS else "dequant")
+    if path == "dequant":
+        return torch.nn.functional.linear(x2, aq_dequantize(codebooks, codes, scale), bias).reshape(*lead, out)
     y = torch.empty(n_tok, out, device=x.device, dtype=torch.float32)
     if n_tok == 0:
         return y.reshape(*lead, out)
