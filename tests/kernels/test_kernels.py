@@ -163,13 +163,14 @@ for t, i, o, m, b, gs in cases:
     x = torch.randn(t, i, generator=g)
     r = dequant_linear(x, cb, codes, s, bias)
     kcb, kcodes, ks = (v.to(dev) for v in kernel_layout(codes, cb, s, b))
-    w = tk.aq_dequantize(kcb, kcodes, ks).cpu()
-    assert (w - dequantize_additive(codes, cb, s)).abs().max() <= 1e-6 * w.abs().max()
-    for path in ("gemv", "dequant", "matmul"):
-        for blocks in BLOCKS:
-            y = tk.aq_linear(x.to(dev), kcb, kcodes, ks, bias.to(dev), path=path, **blocks).cpu()
-            err = (y - r).abs().max() / r.abs().max()
-            assert err <= 1e-4, (t, i, o, m, b, gs, path, blocks, float(err))
+    for vec in (False, True) if gs & (gs - 1) == 0 else (False,):
+        w = tk.aq_dequantize(kcb, kcodes, ks, vec=vec).cpu()
+        assert (w - dequantize_additive(codes, cb, s)).abs().max() <= 1e-6 * w.abs().max()
+        for path in ("gemv", "dequant", "matmul"):
+            for blocks in BLOCKS:
+                y = tk.aq_linear(x.to(dev), kcb, kcodes, ks, bias.to(dev), path=path, vec=vec, **blocks).cpu()
+                err = (y - r).abs().max() / r.abs().max()
+                assert err <= 1e-4, (t, i, o, m, b, gs, path, vec, blocks, float(err))
 print("ok")
 """
 

@@ -53,9 +53,26 @@ if triton is not None:
         return w
 
     @triton.jit
+    def _decode_vec(codes_ptr, cb_ptr, offs_o, i0, OUT, J, M: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
+                    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+        """The same chunk for a power-of-two group size and a chunk start i0 that is a multiple of it: one
+        code load per group and the whole codeword loaded as one contiguous vector of G values."""
+        offs_j = i0 // G + tl.arange(0, BLOCK_I // G)
+        offs_g = tl.arange(0, G)
+        mask = (offs_o[:, None] < OUT) & (offs_j[None, :] < J)
+        w = tl.zeros((BLOCK_O, BLOCK_I // G, G), dtype=tl.float32)
+        for m in tl.static_range(M):
+            code = tl.load(codes_ptr + (offs_o[:, None] * J + offs_j[None, :]) * M + m, mask=mask, other=0)
+            code = code.to(tl.int32) & (K - 1)
+            w += tl.load(cb_ptr + ((m * K + code) * G)[:, :, None] + offs_g[None, None, :], mask=mask[:, :, None],
+                         other=0.0).to(tl.float32)
+        return tl.reshape(w, (BLOCK_O, BLOCK_I))
+
+    @triton.jit
     def _aq_matmul_kernel(x_ptr, codes_ptr, cb_ptr, scale_ptr, bias_ptr, y_ptr, T, IN, OUT, J,
                           M: tl.constexpr, K: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          IEEE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+                          IEEE: tl.constexpr, VEC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
+                          BLOCK_I: tl.constexpr):
         pid_t = tl.program_id(0)
         pid_o = tl.program_id(1)
         offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -66,8 +83,11 @@ if triton is not None:
             mask_i = offs_i < IN
             x = tl.load(x_ptr + offs_t[:, None] * IN + offs_i[None, :],
                         mask=(offs_t[:, None] < T) & mask_i[None, :], other=0.0)
-            w = _decode(codes_ptr, cb_ptr, offs_o, offs_i, (offs_o[:, None] < OUT) & mask_i[None, :], J, M, K, G,
-                        BLOCK_O, BLOCK_I)
+            if VEC:
+                w = _decode_vec(codes_ptr, cb_ptr, offs_o, i0, OUT, J, M, K, G, BLOCK_O, BLOCK_I)
+            else:
+                w = _decode(codes_ptr, cb_ptr, offs_o, offs_i, (offs_o[:, None] < OUT) & mask_i[None, :], J, M, K,
+                            G, BLOCK_O, BLOCK_I)
             if IEEE:
                 acc += tl.dot(x, tl.trans(w), input_precision="ieee")
             else:
@@ -82,7 +102,7 @@ if triton is not None:
     @triton.jit
     def _aq_gemv_kernel(x_ptr, codes_ptr, cb_ptr, scale_ptr, bias_ptr, y_ptr, T, IN, OUT, J,
                         M: tl.constexpr, K: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+                        VEC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
         pid_o = tl.program_id(0)
         t = tl.program_id(1)
         offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -91,8 +111,11 @@ if triton is not None:
             offs_i = i0 + tl.arange(0, BLOCK_I)
             mask_i = offs_i < IN
             x = tl.load(x_ptr + t * IN + offs_i, mask=mask_i, other=0.0)
-            w = _decode(codes_ptr, cb_ptr, offs_o, offs_i, (offs_o[:, None] < OUT) & mask_i[None, :], J, M, K, G,
-                        BLOCK_O, BLOCK_I)
+            if VEC:
+                w = _decode_vec(codes_ptr, cb_ptr, offs_o, i0, OUT, J, M, K, G, BLOCK_O, BLOCK_I)
+            else:
+                w = _decode(codes_ptr, cb_ptr, offs_o, offs_i, (offs_o[:, None] < OUT) & mask_i[None, :], J, M, K,
+                            G, BLOCK_O, BLOCK_I)
             acc += tl.sum(w * x[None, :], axis=1)
         s = tl.load(scale_ptr + offs_o, mask=offs_o < OUT, other=0.0)
         acc = acc * s
@@ -102,11 +125,14 @@ if triton is not None:
 
     @triton.jit
     def _aq_dequant_kernel(codes_ptr, cb_ptr, scale_ptr, w_ptr, IN, OUT, J, M: tl.constexpr, K: tl.constexpr,
-                           G: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+                           G: tl.constexpr, VEC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
         offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
         offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
         wmask = (offs_o[:, None] < OUT) & (offs_i[None, :] < IN)
-        w = _decode(codes_ptr, cb_ptr, offs_o, offs_i, wmask, J, M, K, G, BLOCK_O, BLOCK_I)
+        if VEC:
+            w = _decode_vec(codes_ptr, cb_ptr, offs_o, tl.program_id(1) * BLOCK_I, OUT, J, M, K, G, BLOCK_O, BLOCK_I)
+        else:
+            w = _decode(codes_ptr, cb_ptr, offs_o, offs_i, wmask, J, M, K, G, BLOCK_O, BLOCK_I)
         s = tl.load(scale_ptr + offs_o, mask=offs_o < OUT, other=0.0)
         tl.store(w_ptr + offs_o[:, None] * IN + offs_i[None, :], w * s[:, None], mask=wmask)
 
@@ -122,12 +148,22 @@ if triton is not None:
         """Autotuning with Triton's default 100 ms per config would take minutes per model; 20 ms ranks them."""
         return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
-    _aq_matmul_tuned = triton.autotune(_MM_CONFIGS, key=["T", "IN", "OUT", "M", "IEEE"],
+    _aq_matmul_tuned = triton.autotune(_MM_CONFIGS, key=["T", "IN", "OUT", "M", "IEEE", "VEC"],
                                        do_bench=_short_bench)(_aq_matmul_kernel)
-    _aq_gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["T", "IN", "OUT", "M"], do_bench=_short_bench)(_aq_gemv_kernel)
+    _aq_gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["T", "IN", "OUT", "M", "VEC"],
+                                     do_bench=_short_bench)(_aq_gemv_kernel)
 
 
-def aq_dequantize(codebooks: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _vec_ok(g: int, vec: bool | None) -> bool:
+    """Vector codeword loads need a power-of-two group no wider than the smallest block (32)."""
+    ok = g & (g - 1) == 0 and g <= 32
+    if vec and not ok:
+        raise ValueError(f"vectorised decoding needs a power-of-two group size up to 32, not {g}")
+    return ok if vec is None else vec
+
+
+def aq_dequantize(codebooks: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                  vec: bool | None = None) -> torch.Tensor:
     """The scaled fp32 weight (out, groups * g) rebuilt from the codes on their device, in one kernel."""
     if triton is None:
         raise RuntimeError("the Triton path needs `pip install triton`")
@@ -137,19 +173,20 @@ def aq_dequantize(codebooks: torch.Tensor, codes: torch.Tensor, scale: torch.Ten
     bo, bi = 32, 128
     _aq_dequant_kernel[(triton.cdiv(out, bo), triton.cdiv(groups * g, bi))](
         codes.contiguous(), codebooks.contiguous(), scale.float().contiguous(), w, groups * g, out, groups,
-        M=m, K=k, G=g, BLOCK_O=bo, BLOCK_I=bi)
+        M=m, K=k, G=g, VEC=_vec_ok(g, vec), BLOCK_O=bo, BLOCK_I=bi)
     return w
 
 
 def aq_linear(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
               bias: torch.Tensor | None, ieee: bool = True, path: str | None = None, block_t: int | None = None,
-              block_o: int | None = None, block_i: int | None = None) -> torch.Tensor:
+              block_o: int | None = None, block_i: int | None = None, vec: bool | None = None) -> torch.Tensor:
     """x (..., in) @ W^T + bias on x's device (a GPU, or the CPU under TRITON_INTERPRET=1).
 
     `path` is "gemv" (direct, few tokens), "dequant" (rebuild the weight, then cuBLAS fp32) or "matmul"
     (tiled); None picks gemv up to GEMV_MAX_TOKENS, dequant beyond. `ieee=False` lets the tiled product
     use TF32 on GPUs that have it (faster, ~1e-3 relative error).
-    Block sizes default to the autotuner on a GPU and to 16/64/64 elsewhere."""
+    Block sizes default to the autotuner on a GPU and to 16/64/64 elsewhere. `vec` (default: wherever the
+    group size is a power of two) decodes a whole codeword per load instead of one weight per load."""
     if triton is None:
         raise RuntimeError("the Triton path needs `pip install triton`")
     lead, n_in = x.shape[:-1], x.shape[-1]
@@ -162,13 +199,13 @@ def aq_linear(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, sca
         raise ValueError(f"unknown Triton path {path!r}; choose 'gemv', 'dequant' or 'matmul'")
     path = path or ("gemv" if n_tok <= GEMV_MAX_TOKENS else "dequant")
     if path == "dequant":
-        return torch.nn.functional.linear(x2, aq_dequantize(codebooks, codes, scale), bias).reshape(*lead, out)
+        return torch.nn.functional.linear(x2, aq_dequantize(codebooks, codes, scale, vec), bias).reshape(*lead, out)
     y = torch.empty(n_tok, out, device=x.device, dtype=torch.float32)
     if n_tok == 0:
         return y.reshape(*lead, out)
     args = (x2, codes.contiguous(), codebooks.contiguous(), scale.float().contiguous(),
             bias if bias is not None else scale, y, n_tok, n_in, out, groups)
-    common = {"M": m, "K": k, "G": g, "HAS_BIAS": bias is not None}
+    common = {"M": m, "K": k, "G": g, "HAS_BIAS": bias is not None, "VEC": _vec_ok(g, vec)}
     tuned = x.is_cuda and block_o is None and block_i is None and block_t is None
     if path == "gemv":
         if tuned:
