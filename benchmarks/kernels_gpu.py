@@ -91,7 +91,7 @@ def _tf32(fn):
     return run
 
 
-def make_impls(x, w32, cb, codes8, scale, bias) -> dict:
+def make_impls(x, w32, cb, codes8, scale, bias, only: tuple[str, ...] = ()) -> dict:
     """name -> (callable, weight bytes it reads)."""
     n_out, n_in = w32.shape
     w16, wb, b16, bb = w32.half(), w32.bfloat16(), bias.half(), bias.bfloat16()
@@ -107,6 +107,8 @@ def make_impls(x, w32, cb, codes8, scale, bias) -> dict:
              "triton_mm": (lambda: triton_kernels.aq_linear(x, cb, codes8, scale, bias, path="matmul"), aq_bytes),
              "triton_mm_tf32": (lambda: triton_kernels.aq_linear(x, cb, codes8, scale, bias, path="matmul",
                                                                  ieee=False), aq_bytes)}
+    if only:
+        impls = {k: v for k, v in impls.items() if k in only}
     if x.shape[0] <= GEMV_TOKENS:
         impls["triton_gemv"] = (lambda: triton_kernels.aq_linear(x, cb, codes8, scale, bias, path="gemv"), aq_bytes)
     return impls
@@ -119,7 +121,7 @@ def _best_config(impl: str) -> str | None:
     return str(getattr(tuner, "best_config", None))
 
 
-def kernel_rows(reps: int, tokens: tuple[int, ...], linears: dict) -> list[dict]:
+def kernel_rows(reps: int, tokens: tuple[int, ...], linears: dict, only: tuple[str, ...] = ()) -> list[dict]:
     dev, gen, rows = torch.device("cuda"), torch.Generator().manual_seed(0), []
     for cfg, (m, bits) in CONFIGS.items():
         for name, (n_in, n_out) in linears.items():
@@ -131,7 +133,7 @@ def kernel_rows(reps: int, tokens: tuple[int, ...], linears: dict) -> list[dict]
                 x = torch.randn(t, n_in, device=dev)
                 ref = F.linear(x.double(), w32.double(), bias.double())
                 base = gbase = None
-                for impl, (fn, wbytes) in make_impls(x, w32, cb, codes8, scale, bias).items():
+                for impl, (fn, wbytes) in make_impls(x, w32, cb, codes8, scale, bias, only).items():
                     try:
                         err = ((fn().double() - ref).abs().max() / ref.abs().max()).item()
                         ms, gms = cuda_ms(fn, reps), graph_ms(fn, reps)
@@ -230,6 +232,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="DiT-XL/2 qkv only, 1/16/256/4096 tokens")
     ap.add_argument("--e2e", action="store_true", help="also DiT-XL/2's linears end to end")
+    ap.add_argument("--gemv-only", action="store_true", help="the direct path and its dense peers, 1 and 16 tokens")
     ap.add_argument("--write-thresholds", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available() or not triton_kernels.available():
@@ -237,7 +240,9 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     t0 = time.time()
     linears = {"dit-xl2.qkv": LINEARS["dit-xl2.qkv"]} if args.quick else LINEARS
-    rows = kernel_rows(args.reps, (1, 16, 256, 4096) if args.quick else TOKENS, linears)
+    tokens = (1, 16) if args.gemv_only else (1, 16, 256, 4096) if args.quick else TOKENS
+    only = ("cublas_fp32", "cublas_fp16", "triton_gemv") if args.gemv_only else ()
+    rows = kernel_rows(args.reps, tokens, linears, only)
     out = {"provenance": provenance(), "device": torch.cuda.get_device_name(),
            "triton": triton_kernels.triton.__version__, "gpu_max_tokens": gpu_max_tokens(rows), "rows": rows}
     if args.e2e:

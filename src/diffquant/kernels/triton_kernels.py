@@ -140,8 +140,11 @@ if triton is not None:
                    for bt, bo, bi, w, s in [(16, 32, 64, 4, 2), (16, 64, 64, 4, 2), (32, 64, 64, 4, 2),
                                             (64, 64, 32, 4, 2), (64, 64, 64, 4, 3), (64, 128, 32, 4, 3),
                                             (128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 128, 64, 8, 2)]]
+    # (8 outputs, 128 inputs, 2 warps) is left out: Triton 3.6 miscompiled the vectorised decode in that
+    # shape on an H100 (relative errors of 1-5 in benchmarks/results/kernels-gpu.json), and the autotuner
+    # then chose it as the fastest.
     _GEMV_CONFIGS = [triton.Config({"BLOCK_O": bo, "BLOCK_I": bi}, num_warps=w)
-                     for bo, bi, w in [(8, 128, 2), (16, 64, 2), (16, 128, 4), (32, 64, 4), (32, 128, 4),
+                     for bo, bi, w in [(16, 64, 2), (16, 128, 4), (32, 64, 4), (32, 128, 4),
                                        (64, 64, 4), (64, 128, 8), (128, 32, 4)]]
 
     def _short_bench(fn, quantiles=None):
