@@ -1,4 +1,5 @@
-"""The README's kernel tables, from results/kernels.json and results/kernels-e2e.json.
+"""The README's kernel tables, from results/kernels.json, kernels-e2e.json and the GPU runs
+(kernels-gpu.json, kernels-gpu-gemv.json).
 
     python benchmarks/kernels_readme.py          # rewrites README.md between the kernels markers
 """
@@ -44,6 +45,51 @@ def e2e_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+TRITON = {"triton_gemv": "gemv", "triton_dequant": "dequant", "triton_mm": "mm"}  # fp32-exact paths
+
+
+def gpu_table(full: dict, gemv: dict | None) -> str:
+    """Per shape and token count: the best correct fp32-exact Triton path's speed-up over cuBLAS fp32,
+    kernel time (CUDA-graph replay); then the TF32 product against cuBLAS TF32 and cuBLAS fp16's speed-up,
+    for scale. The GEMV rows of `gemv` (a re-run after a bad
+    autotune config was removed) replace those of `full`."""
+    rows = [r for r in full["rows"] if "error" not in r]
+    if gemv:
+        rows = [r for r in rows if r["impl"] != "triton_gemv"] + [r for r in gemv["rows"] if r["impl"] == "triton_gemv"]
+    tokens = sorted({r["tokens"] for r in rows})
+    best: dict = {}
+    fp16: dict = {}
+    ms = {(r["layer"], r["config"], r["tokens"], r["impl"]): r["graph_ms"] for r in rows}
+    for r in rows:
+        key = (r["layer"], r["config"], r["tokens"])
+        if r["impl"] == "cublas_fp16":
+            fp16[key] = r["graph_speedup_vs_fp32"]
+        if r["impl"] in TRITON and r["max_rel_error"] < 1e-3 and r["graph_speedup_vs_fp32"]:
+            if key not in best or r["graph_speedup_vs_fp32"] > best[key][0]:
+                best[key] = (r["graph_speedup_vs_fp32"], TRITON[r["impl"]])
+    lines = ["| layer | config | " + " | ".join(f"{t} tok" for t in tokens)
+             + " | mm-tf32 / cuBLAS tf32 (4096 tok) | cuBLAS fp16 (1 / 4096 tok) |",
+             "|---|---|" + "---|" * len(tokens) + "---|---|"]
+    for layer, cfg in dict.fromkeys((r["layer"], r["config"]) for r in rows):
+        cells = [f"{best[(layer, cfg, t)][0]:.2f}x {best[(layer, cfg, t)][1]}" if (layer, cfg, t) in best else "-"
+                 for t in tokens]
+        f16 = " / ".join(f"{fp16[(layer, cfg, t)]:.2f}x" for t in (tokens[0], tokens[-1]) if (layer, cfg, t) in fp16)
+        t32, m32 = ms.get((layer, cfg, tokens[-1], "cublas_tf32")), ms.get((layer, cfg, tokens[-1], "triton_mm_tf32"))
+        tf = f"{t32 / m32:.2f}x" if t32 and m32 else "-"
+        lines.append(f"| {layer} | {cfg} | " + " | ".join(cells) + f" | {tf} | {f16} |")
+    return "\n".join(lines)
+
+
+def gpu_e2e_table(full: dict) -> str:
+    lines = ["| implementation | batch 1 (ms) | batch 8 (ms) | weights (MiB) | forward's own peak, batch 8 (MiB) |",
+             "|---|---|---|---|---|"]
+    for impl in dict.fromkeys(r["impl"] for r in full["e2e"]):
+        by = {r["batch"]: r for r in full["e2e"] if r["impl"] == impl}
+        lines.append(f"| {impl} | {by[1]['median_ms']:.1f} | {by[8]['median_ms']:.1f} | {by[1]['weight_mib']:.0f} | "
+                     f"{by[8]['work_peak_mib']:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     res = ROOT / "benchmarks" / "results"
     k = json.loads((res / "kernels.json").read_text())
@@ -54,6 +100,19 @@ def main() -> None:
         e = json.loads(e2e.read_text())
         parts += ["", f"End to end (`benchmarks/results/kernels-e2e.json`, commit {e['provenance']['commit']}; zoo: "
                       f"{e['n']} images x 20 DDIM steps; ldm4: one forward at batch 1):", "", e2e_table(e)]
+    gpu = res / "kernels-gpu.json"
+    if gpu.exists():
+        g = json.loads(gpu.read_text())
+        gemv_path = res / "kernels-gpu-gemv.json"
+        gv = json.loads(gemv_path.read_text()) if gemv_path.exists() else None
+        parts += ["", f"GPU ({g['device']}, Triton {g['triton']}; `benchmarks/results/kernels-gpu.json`, commit "
+                      f"{g['provenance']['commit']}" + (f", GEMV rows from `kernels-gpu-gemv.json`, commit "
+                                                         f"{gv['provenance']['commit']}" if gv else "")
+                  + "): the best correct fp32 Triton path's speed-up over cuBLAS fp32 (TF32 off), kernel time "
+                    "(CUDA-graph replay of 20 calls, median of 10):", "", gpu_table(g, gv)]
+        if "e2e" in g:
+            parts += ["", "GPU end to end: DiT-XL/2's 112 linears (2x8 codes), one forward of 256 tokens per image, "
+                          "eager:", "", gpu_e2e_table(g)]
     readme = ROOT / "README.md"
     text = readme.read_text()
     a, b = text.index(START) + len(START), text.index(END)

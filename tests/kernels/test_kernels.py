@@ -197,7 +197,9 @@ def test_triton_gpu_equals_reference():
     pytest.importorskip("triton")
     extra = ("[(1, 1152, 3456, 1, 8, 8), (1000, 1152, 1152, 2, 8, 8), (257, 320, 333, 2, 8, 8),"
              " (3, 4608, 1152, 1, 8, 8)]")
-    _run_triton_cases("cuda", extra, '[{}, {"block_t": 16, "block_o": 32, "block_i": 32}]', interpret=False)
+    _run_triton_cases("cuda", extra, '[{"block_t": 16, "block_o": 32, "block_i": 32}]', interpret=False)
+    # the autotuned blocks (every config is timed once per shape: slow, so one shape per path)
+    _run_triton_cases("cuda", "[]", "[{}]", interpret=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -214,4 +216,4 @@ def test_modules_on_gpu_take_the_triton_path():
             _close(lin(x).cpu(), ref.cpu())
             lin.free_dense()
             _close(lin(x).cpu(), ref.cpu())
-        assert dispatch.choose(x.device, 1, 40, 64, 2, 256, 8) == "triton"
+        assert dispatch.choose(x.device, 1, 40, 64, 2, 256, 8, dense_cached=False) == "triton"

@@ -2,8 +2,11 @@
 
 Paths: `reference` (dequantize, then torch's dense op: exact, the fallback), `lut` (the C++ lookup-table
 kernel, CPU) and `triton` (dequantize-in-the-tile, GPU). `auto` picks `triton` on CUDA when Triton is
-installed and the token count is at most the measured `gpu.max_tokens_triton` (beyond it cuBLAS on
-the dense weight wins; `benchmarks/kernels_gpu.py --write-thresholds`), and on the CPU `lut` whenever
+installed and either the layer dropped its dense copy (`free_dense`: it holds codes only, and the
+Triton kernels beat dequantizing by embedding_bag then cuBLAS) or the token count is at most the
+measured `gpu.max_tokens_triton` (cuBLAS fp32 on a cached dense weight against the best Triton path;
+on an H100 it was 0: cuBLAS won at every shape; `benchmarks/kernels_gpu.py --thresholds-from`); on the
+CPU `lut` whenever
 the layer's FLOP bound (dense multiply-adds over lookup operations, `flop_bound`) and its weight size
 (in*out) both reach the break-even measured by
 `benchmarks/kernels.py` for the nearest token count (shipped in `thresholds.json`; the benchmark's
@@ -85,7 +88,9 @@ def _lut_ok() -> bool:
     return _cache["lut"]
 
 
-def choose(device: torch.device, tokens: int, out: int, in_flat: int, m: int, k: int, g: int) -> str:
+def choose(device: torch.device, tokens: int, out: int, in_flat: int, m: int, k: int, g: int,
+           dense_cached: bool = True) -> str:
+    """The path for one product; `dense_cached` says whether the layer still holds its dense weight."""
     impl = forced()
     if impl != "auto":
         return impl
@@ -94,7 +99,7 @@ def choose(device: torch.device, tokens: int, out: int, in_flat: int, m: int, k:
 
         if not triton_kernels.available():
             return "reference"
-        return "triton" if tokens <= gpu_max_tokens() else "reference"
+        return "triton" if not dense_cached or tokens <= gpu_max_tokens() else "reference"
     if device.type != "cpu" or not _lut_ok():
         return "reference"
     t = thresholds()

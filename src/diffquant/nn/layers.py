@@ -49,7 +49,8 @@ class QuantLayer(nn.Module):
                 x.requires_grad or (self.weight is not None and self.weight.requires_grad))):
             return "dense"
         spec, out = self.qweight.spec, self.qweight.shape[0]
-        impl = dispatch.choose(x.device, tokens, out, self.qweight.in_flat, spec.codebooks, 1 << spec.bits, spec.group)
+        impl = dispatch.choose(x.device, tokens, out, self.qweight.in_flat, spec.codebooks, 1 << spec.bits, spec.group,
+                               dense_cached=self.weight is not None)
         return "dense" if impl == "reference" else impl
 
     def _kernel_state(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
