@@ -171,6 +171,21 @@ for t, i, o, m, b, gs in cases:
                 y = tk.aq_linear(x.to(dev), kcb, kcodes, ks, bias.to(dev), path=path, vec=vec, **blocks).cpu()
                 err = (y - r).abs().max() / r.abs().max()
                 assert err <= 1e-4, (t, i, o, m, b, gs, path, vec, blocks, float(err))
+# a KAQ convolution holding codes only: the Triton rebuild of its kernel weight, then the dense conv
+from torch import nn
+from diffquant.formats.additive import AdditiveSpec, AdditiveWeight
+from diffquant.kernels import dispatch
+from diffquant.nn.layers import QuantConv2d
+cb, codes, s = torch.randn(1, 256, 9, generator=g), torch.randint(0, 256, (6, 3, 1), generator=g), torch.rand(6)
+conv = QuantConv2d(AdditiveWeight(codes, cb, s, (6, 3, 3, 3), AdditiveSpec(1, 8, 9)), torch.randn(6, generator=g),
+                   nn.Conv2d(3, 6, 3, padding=1)).to(dev)
+img = torch.randn(2, 3, 5, 7, generator=g).to(dev)
+with torch.no_grad():
+    ref = conv(img)
+    conv.free_dense()
+    with dispatch.force("triton"):
+        y = conv(img)
+assert (y - ref).abs().max() <= 1e-4 * ref.abs().max(), float((y - ref).abs().max())
 print("ok")
 """
 
@@ -185,8 +200,9 @@ def _run_triton_cases(device: str, extra: str, blocks: str, interpret: bool) -> 
 
 
 def test_triton_interpreter_equals_reference():
-    """Both Triton paths through Triton's CPU interpreter (a fresh process: the flag is read at import), on
-    odd sizes, 4- to 16-bit codes (16-bit codes are stored as signed int16) and groups of 8 and 9."""
+    """Every Triton path through Triton's CPU interpreter (a fresh process: the flag is read at import), on
+    odd sizes, 4- to 16-bit codes (16-bit codes are stored as signed int16) and groups of 8 and 9, and a
+    codes-only KAQ convolution."""
     pytest.importorskip("triton")
     _run_triton_cases("cpu", "[]", '[{"block_o": 32, "block_i": 32}]', interpret=True)
 

@@ -112,6 +112,12 @@ class QuantConv2d(QuantLayer):
             pad = self.padding if isinstance(self.padding, tuple) else (self.padding, self.padding)
             return aq_conv2d(x, cb, codes, scale, bias, tuple(self.qweight.shape[2:]), self.stride, pad,
                              self.dilation).to(x.dtype)
+        if impl == "triton":  # GPU, codes only: rebuild the kernel weight in one Triton pass, then cuDNN
+            from diffquant.kernels.triton_kernels import aq_dequantize
+
+            cb, codes, scale = self._kernel_state(x.device)
+            w = aq_dequantize(cb, codes, scale).reshape(self.qweight.shape).to(x.dtype)
+            return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
