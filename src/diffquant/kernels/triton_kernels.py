@@ -209,6 +209,8 @@ def aq_linear(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, sca
     args = (x2, codes.contiguous(), codebooks.contiguous(), scale.float().contiguous(),
             bias if bias is not None else scale, y, n_tok, n_in, out, groups)
     common = {"M": m, "K": k, "G": g, "HAS_BIAS": bias is not None, "VEC": _vec_ok(g, vec)}
+    if common["VEC"] and block_i is not None and block_i % g:
+        raise ValueError(f"block_i={block_i} must be a multiple of the group size {g} for vectorised decoding")
     tuned = x.is_cuda and block_o is None and block_i is None and block_t is None
     if path == "gemv":
         if tuned:
