@@ -26,12 +26,14 @@ def _key(r: dict) -> tuple:
 
 
 def _header(docs: list[dict], names: list[str]) -> str:
+    """Each file with its sample count, commit, wall time and machine (files of one section can come from
+    different machines: the numbers are machine-independent, the wall times are not)."""
     parts = []
     for d, n in zip(docs, names, strict=True):
         m = d.get("machine", {})
-        parts.append(f"`{n}` (n={d['n']}, commit {d.get('commit', '?')[:10]}, wall {d.get('wall_time_s')} s)")
-    m = docs[0].get("machine", {})
-    return f"{', '.join(parts)}; {m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')}"
+        parts.append(f"`{n}` (n={d['n']}, commit {d.get('commit', '?')[:10]}, wall {d.get('wall_time_s')} s, "
+                     f"{m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')})")
+    return ", ".join(parts)
 
 
 def section(title: str, files: list[str], model: str) -> str:
