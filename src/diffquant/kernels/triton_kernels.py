@@ -69,6 +69,18 @@ if triton is not None:
         return tl.reshape(w, (BLOCK_O, BLOCK_I))
 
     @triton.jit
+    def _weight_chunk(codes_ptr, cb_ptr, offs_o, i0, IN, OUT, J, M: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
+                      VEC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+        """Weight rows offs_o, inputs i0 .. i0 + BLOCK_I, by whichever decoder the group size allows."""
+        if VEC:
+            w = _decode_vec(codes_ptr, cb_ptr, offs_o, i0, OUT, J, M, K, G, BLOCK_O, BLOCK_I)
+        else:
+            offs_i = i0 + tl.arange(0, BLOCK_I)
+            wmask = (offs_o[:, None] < OUT) & (offs_i[None, :] < IN)
+            w = _decode(codes_ptr, cb_ptr, offs_o, offs_i, wmask, J, M, K, G, BLOCK_O, BLOCK_I)
+        return w
+
+    @triton.jit
     def _aq_matmul_kernel(x_ptr, codes_ptr, cb_ptr, scale_ptr, bias_ptr, y_ptr, T, IN, OUT, J,
                           M: tl.constexpr, K: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
                           IEEE: tl.constexpr, VEC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
@@ -83,11 +95,7 @@ if triton is not None:
             mask_i = offs_i < IN
             x = tl.load(x_ptr + offs_t[:, None] * IN + offs_i[None, :],
                         mask=(offs_t[:, None] < T) & mask_i[None, :], other=0.0)
-            if VEC:
-                w = _decode_vec(codes_ptr, cb_ptr, offs_o, i0, OUT, J, M, K, G, BLOCK_O, BLOCK_I)
-            else:
-                w = _decode(codes_ptr, cb_ptr, offs_o, offs_i, (offs_o[:, None] < OUT) & mask_i[None, :], J, M, K,
-                            G, BLOCK_O, BLOCK_I)
+            w = _weight_chunk(codes_ptr, cb_ptr, offs_o, i0, IN, OUT, J, M, K, G, VEC, BLOCK_O, BLOCK_I)
             if IEEE:
                 acc += tl.dot(x, tl.trans(w), input_precision="ieee")
             else:
@@ -111,11 +119,7 @@ if triton is not None:
             offs_i = i0 + tl.arange(0, BLOCK_I)
             mask_i = offs_i < IN
             x = tl.load(x_ptr + t * IN + offs_i, mask=mask_i, other=0.0)
-            if VEC:
-                w = _decode_vec(codes_ptr, cb_ptr, offs_o, i0, OUT, J, M, K, G, BLOCK_O, BLOCK_I)
-            else:
-                w = _decode(codes_ptr, cb_ptr, offs_o, offs_i, (offs_o[:, None] < OUT) & mask_i[None, :], J, M, K,
-                            G, BLOCK_O, BLOCK_I)
+            w = _weight_chunk(codes_ptr, cb_ptr, offs_o, i0, IN, OUT, J, M, K, G, VEC, BLOCK_O, BLOCK_I)
             acc += tl.sum(w * x[None, :], axis=1)
         s = tl.load(scale_ptr + offs_o, mask=offs_o < OUT, other=0.0)
         acc = acc * s
@@ -129,10 +133,8 @@ if triton is not None:
         offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
         offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
         wmask = (offs_o[:, None] < OUT) & (offs_i[None, :] < IN)
-        if VEC:
-            w = _decode_vec(codes_ptr, cb_ptr, offs_o, tl.program_id(1) * BLOCK_I, OUT, J, M, K, G, BLOCK_O, BLOCK_I)
-        else:
-            w = _decode(codes_ptr, cb_ptr, offs_o, offs_i, wmask, J, M, K, G, BLOCK_O, BLOCK_I)
+        w = _weight_chunk(codes_ptr, cb_ptr, offs_o, tl.program_id(1) * BLOCK_I, IN, OUT, J, M, K, G, VEC, BLOCK_O,
+                          BLOCK_I)
         s = tl.load(scale_ptr + offs_o, mask=offs_o < OUT, other=0.0)
         tl.store(w_ptr + offs_o[:, None] * IN + offs_i[None, :], w * s[:, None], mask=wmask)
 
