@@ -1,14 +1,15 @@
 """Which AQ product runs: per device and shape, from measured thresholds; forceable.
 
 Paths: `reference` (dequantize, then torch's dense op: exact, the fallback), `lut` (the C++ lookup-table
-kernel, CPU) and `triton` (dequantize-in-the-tile, GPU). `auto` picks `triton` on CUDA when Triton is
-installed and either the layer dropped its dense copy (`free_dense`: it holds codes only, and the
-Triton kernels beat dequantizing by embedding_bag then cuBLAS) or the token count is at most the
-measured `gpu.max_tokens_triton` (cuBLAS fp32 on a cached dense weight against the best Triton path;
-on an H100 it was 0: cuBLAS won at every shape; `benchmarks/kernels_gpu.py --thresholds-from`); on the
-CPU `lut` whenever
-the layer's FLOP bound (dense multiply-adds over lookup operations, `flop_bound`) and its weight size
-(in*out) both reach the break-even measured by
+kernel, CPU) and `triton` (GPU: direct GEMV, or weight rebuild then cuBLAS; `triton_kernels`).
+
+`auto` on CUDA picks `triton` when Triton is installed and either the layer dropped its dense copy
+(`free_dense`: it holds codes only, and the Triton kernels beat dequantizing by embedding_bag then cuBLAS)
+or the token count is at most the measured `gpu.max_tokens_triton` (cuBLAS fp32 on a cached dense weight
+against the best Triton path; on an H100 it was 0: cuBLAS won at every shape;
+`benchmarks/kernels_gpu.py --thresholds-from`). On the CPU it picks `lut` whenever the layer's FLOP
+bound (dense multiply-adds over lookup operations, `flop_bound`) and its weight size (in*out) both reach
+the break-even measured by
 `benchmarks/kernels.py` for the nearest token count (shipped in `thresholds.json`; the benchmark's
 `--write-thresholds` refreshes it): small layers lose to per-call costs whatever their bound. Force one
 with the environment variable DIFFQUANT_AQ_KERNEL=reference|lut|triton or `with force("lut"):`; a
