@@ -105,7 +105,7 @@ def linear_rows(name, n_in, n_out, tokens, cfg, reps, gen, peers):
     bias = torch.zeros(n_out)
     w = dequant_linear(torch.eye(n_in), cb, codes, scale, None).t().contiguous()
     x = torch.randn(tokens, n_in, generator=gen)
-    kcb, kcodes, kscale = cpu.kernel_layout(codes, cb, scale, bits)
+    kcb, kcodes, kscale = cpu.cpu_layout(codes, cb, scale, bits)
     ref = F.linear(x, w, bias)
     dense_flops = 2 * tokens * n_in * n_out
     lut_flops = tokens * (2 * n_in * m * (1 << bits) + n_out * (n_in // g) * m)
@@ -115,7 +115,7 @@ def linear_rows(name, n_in, n_out, tokens, cfg, reps, gen, peers):
              "diffquant_lut": (lambda: cpu.aq_linear(x, kcb, kcodes, kscale, bias), lut_flops, aq_bytes)}
     slow_ok = tokens <= 16  # the numba kernels take seconds to minutes per call beyond that
     if "numba" in peers and slow_ok:
-        xn, cbn, cn, sn = x.numpy(), kcb.numpy(), kcodes.reshape(n_out, -1).numpy(), kscale.numpy()
+        xn, cbn, cn, sn = x.numpy(), kcb.numpy(), codes.to(torch.uint8).reshape(n_out, -1).numpy(), kscale.numpy()
         impls["numba_lut"] = (lambda: peers["numba"](xn, cbn, cn, sn), lut_flops, aq_bytes)
     if "aqlm" in peers and bits == 8 and slow_ok:
         a_codes = codes.to(torch.uint8).view(torch.int8).permute(1, 0, 2).contiguous()  # aqlm wants (groups, out, M)
@@ -139,7 +139,7 @@ def conv_rows(name, ch, hw, cfg, reps, gen):
     shape = (ch, ch, 3, 3)
     w = dequant_linear(torch.eye(ch * 9), cb, codes, scale, None).t().reshape(shape).contiguous()
     x = torch.randn(1, ch, hw, hw, generator=gen)
-    kcb, kcodes, kscale = cpu.kernel_layout(codes, cb, scale, bits)
+    kcb, kcodes, kscale = cpu.cpu_layout(codes, cb, scale, bits)
     ref = F.conv2d(x, w, bias, 1, 1)
     tokens = hw * hw
     dense_flops = 2 * tokens * ch * 9 * ch

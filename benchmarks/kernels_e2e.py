@@ -49,7 +49,8 @@ def held_mib(model) -> float:
     for mod in model.modules():
         if isinstance(mod, QuantLayer):
             tensors += [t for t in vars(mod.qweight).values() if torch.is_tensor(t)]
-            tensors += list(getattr(mod, "_kstate", None) or ())
+            ks = getattr(mod, "_kstate", None)  # (impl, (codebooks, codes, scale)) in the kernel's layout
+            tensors += list(ks[1]) if ks else []
     for t in tensors:
         if t is not None and id(t) not in seen:
             seen.add(id(t))

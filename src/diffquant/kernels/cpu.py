@@ -8,8 +8,9 @@ ran 7-8x slower than torch fp32 dense at 16-4096 tokens on this machine (per-row
 control over the accumulator living in registers), while the C++ one is faster than dense
 (`benchmarks/kernels.py` measures both: impl `numba_lut`).
 
-Entry points take the layout the kernel wants (`kernel_layout`: fp32 codebooks, uint8/int16 codes,
-fp32 scale); the AQ modules prepare it once (`kernels.dispatch.use_kernels`).
+Entry points take the layout the kernel wants (`cpu_layout`: fp32 codebooks, uint8/int16 codes stored
+column-major as (groups * M, out), fp32 scale); the AQ modules prepare it once per device
+(`QuantLayer._kernel_state`). The Triton kernels read the row-major `kernel_layout` instead.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def available() -> bool:
 def aq_linear(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
               bias: torch.Tensor | None, jb: int = 8) -> torch.Tensor:
     """x (..., in) @ W^T + bias, W given by AQ codes (out, groups, M) in the kernel layout (see
-    `kernel_layout`); the input is transposed to token-contiguous and the output back."""
+    `cpu_layout`); the input is transposed to token-contiguous and the output back."""
     if not x.is_cpu:
         raise ValueError(f"the lookup-table kernel runs on the CPU; got a tensor on {x.device} (use 'triton' there)")
     ext = load_extension()
@@ -96,10 +97,10 @@ def aq_conv2d(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, sca
     cols = F.unfold(x.float(), (kh, kw), dilation=dilation, padding=padding, stride=stride)
     ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    out = torch.empty(n, codes.shape[0], ho * wo, dtype=torch.float32)
+    out = torch.empty(n, scale.numel(), ho * wo, dtype=torch.float32)
     for i in range(n):
         out[i] = ext.aq_matmul_tokens(cols[i].contiguous(), codebooks, codes, scale, bias, jb)
-    return out.reshape(n, codes.shape[0], ho, wo)
+    return out.reshape(n, scale.numel(), ho, wo)
 
 
 def kernel_layout(codes: torch.Tensor, codebooks: torch.Tensor, scale: torch.Tensor, bits: int
@@ -108,3 +109,12 @@ def kernel_layout(codes: torch.Tensor, codebooks: torch.Tensor, scale: torch.Ten
     up to 8 bits take one byte each (exact for B = 8), up to 16 bits two."""
     c = codes.to(torch.uint8) if bits <= 8 else codes.to(torch.int32).to(torch.int16)
     return codebooks.float().contiguous(), c.contiguous(), scale.float().contiguous()
+
+
+def cpu_layout(codes: torch.Tensor, codebooks: torch.Tensor, scale: torch.Tensor, bits: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`kernel_layout` with the codes column-major, (groups * M, out): what the C++ kernel reads. Output
+    rows of one (group, codebook) column sit side by side, so the one-token path looks up 16 rows per
+    vector from that column's table row held in registers (see aq_lut.cpp)."""
+    cb, c, s = kernel_layout(codes, codebooks, scale, bits)
+    return cb, c.reshape(c.shape[0], -1).t().contiguous(), s

@@ -53,15 +53,18 @@ class QuantLayer(nn.Module):
                                dense_cached=self.weight is not None)
         return "dense" if impl == "reference" else impl
 
-    def _kernel_state(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _kernel_state(self, device: torch.device, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Codebooks, codes and scales in the layout `impl` reads, on `device`, prepared once: the C++
+        lookup kernel wants the codes column-major, the Triton kernels row-major."""
         ks = getattr(self, "_kstate", None)
-        if ks is None or ks[0].device != device:
-            from diffquant.kernels.cpu import kernel_layout
+        if ks is None or ks[0] != impl or ks[1][0].device != device:
+            from diffquant.kernels.cpu import cpu_layout, kernel_layout
 
             q = self.qweight
-            ks = tuple(t.to(device) for t in kernel_layout(q.codes, q.codebooks, q.scale, q.spec.bits))
+            layout = cpu_layout if impl == "lut" else kernel_layout
+            ks = (impl, tuple(t.to(device) for t in layout(q.codes, q.codebooks, q.scale, q.spec.bits)))
             self._kstate = ks
-        return ks
+        return ks[1]
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(x) if self.act is not None else x
@@ -77,7 +80,7 @@ class QuantLinear(QuantLayer):
         impl = self._aq_impl(x, x.numel() // max(1, x.shape[-1]))
         if impl == "dense":
             return F.linear(x, self.dense_weight(), self.bias)
-        cb, codes, scale = self._kernel_state(x.device)
+        cb, codes, scale = self._kernel_state(x.device, impl)
         bias = None if self.bias is None else self.bias.float().contiguous()
         if impl == "lut":
             from diffquant.kernels.cpu import aq_linear
@@ -107,7 +110,7 @@ class QuantConv2d(QuantLayer):
         if impl == "lut" and not isinstance(self.padding, str):
             from diffquant.kernels.cpu import aq_conv2d
 
-            cb, codes, scale = self._kernel_state(x.device)
+            cb, codes, scale = self._kernel_state(x.device, impl)
             bias = None if self.bias is None else self.bias.float().contiguous()
             pad = self.padding if isinstance(self.padding, tuple) else (self.padding, self.padding)
             return aq_conv2d(x, cb, codes, scale, bias, tuple(self.qweight.shape[2:]), self.stride, pad,
@@ -115,7 +118,7 @@ class QuantConv2d(QuantLayer):
         if impl == "triton":  # GPU, codes only: rebuild the kernel weight in one Triton pass, then cuDNN
             from diffquant.kernels.triton_kernels import aq_dequantize
 
-            cb, codes, scale = self._kernel_state(x.device)
+            cb, codes, scale = self._kernel_state(x.device, impl)
             w = aq_dequantize(cb, codes, scale).reshape(self.qweight.shape).to(x.dtype)
             return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
