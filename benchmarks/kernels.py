@@ -278,8 +278,12 @@ def main() -> None:
     if args.write_thresholds:
         th = write_thresholds(rows)
         result["thresholds"] = th
-        meta = {"source": "benchmarks/kernels.py", "commit": result["provenance"].get("commit"), **th}
-        _THRESHOLDS.write_text(json.dumps(meta, indent=1) + "\n")
+        # the CPU entries are replaced; what other benchmarks wrote (kernels_gpu.py's `gpu`) is kept
+        old = json.loads(_THRESHOLDS.read_text()) if _THRESHOLDS.exists() else {}
+        meta = {"source": "benchmarks/kernels.py", "commit": result["provenance"].get("commit"),
+                "machine": result["provenance"].get("machine", {}).get("cpu"), **th}
+        meta.update({k: v for k, v in old.items() if k not in meta})
+        write_json(_THRESHOLDS, meta)
     if args.json:
         write_json(args.json, result)
         print(f"wrote {args.json} ({len(rows)} rows, {result['wall_s']} s)")

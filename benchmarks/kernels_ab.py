@@ -1,0 +1,120 @@
+"""This tree's CPU lookup kernel against an earlier revision's, side by side in one process.
+
+A kernel change is judged on the machine it runs on, against the kernel it replaces, with the same
+weights, inputs and dense baseline: `benchmarks/kernels.py` compares with dense and the peers, this
+compares two builds of `aq_lut.cpp`. The base revision's source is taken from git (`git show
+REV:src/diffquant/kernels/aq_lut.cpp`) and built beside this tree's; a source that reads codes
+row-major (before 2e5461a) gets them row-major, the current one column-major (`cpu.cpu_layout`).
+Both outputs are checked against each other and against dequantize-then-dense.
+
+    python benchmarks/kernels_ab.py --base 2d7432e --json benchmarks/results/kernels-ab-onetoken.json
+    python benchmarks/kernels_ab.py --tokens 1,16,256 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.cpp_extension import load
+
+from diffquant.io_utils import write_json
+from diffquant.kernels import cpu
+from diffquant.provenance import provenance
+
+sys.path.insert(0, str(Path(__file__).parent))
+from kernels import CONFIGS, LINEARS, aq_weight, timeit  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = "src/diffquant/kernels/aq_lut.cpp"
+
+
+def build_revision(rev: str):
+    """The extension built from `rev`'s aq_lut.cpp (cached by content), and whether it reads codes column-major."""
+    try:
+        src = subprocess.run(["git", "show", f"{rev}:{SOURCE}"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout
+    except subprocess.CalledProcessError as e:
+        raise SystemExit(f"cannot read {SOURCE} at revision {rev!r}: {e.stderr.strip()} "
+                         "(give a commit of this repository with --base)") from e
+    key = hashlib.sha256(src.encode() + " ".join(cpu._flags()).encode()).hexdigest()[:12]
+    d = cpu.build_dir() / f"aq_lut_base_{key}"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "aq_lut_base.cpp"
+    path.write_text(src)
+    ext = load(name=f"diffquant_aq_lut_base_{key}", sources=[str(path)], extra_cflags=cpu._flags(),
+               extra_ldflags=["-fopenmp"], build_directory=str(d))
+    return ext, "codes_t" in src
+
+
+def compare(x: torch.Tensor, w: torch.Tensor, kcb: torch.Tensor, kscale: torch.Tensor, base: tuple, here: tuple,
+            reps: int) -> dict:
+    """Dense, the base kernel and this tree's on one input: times (interleaved rounds, the best median
+    kept, since the dense baseline's cache state moves between calls) and errors against dense."""
+    xt = x.t().contiguous()
+    ref = F.linear(x, w)
+    (base_ext, base_codes), (ext, codes) = base, here
+    fns = {"fp32_dense": lambda: F.linear(x, w),
+           "base_lut": lambda: base_ext.aq_matmul_tokens(xt, kcb, base_codes, kscale, None, 8, True).t(),
+           "lut": lambda: ext.aq_matmul_tokens(xt, kcb, codes, kscale, None, 8, True).t()}
+    ms, err = {}, {}
+    for impl, fn in fns.items():
+        with torch.no_grad():
+            err[impl] = ((fn() - ref).abs().max() / ref.abs().max()).item()
+    for _ in range(2):
+        for impl, fn in fns.items():
+            ms[impl] = min(ms.get(impl, float("inf")), timeit(fn, reps))
+    return {**{f"{k}_ms": round(v, 4) for k, v in ms.items()},
+            "lut_vs_base": round(ms["base_lut"] / ms["lut"], 3), "lut_vs_fp32": round(ms["fp32_dense"] / ms["lut"], 3),
+            "base_vs_fp32": round(ms["fp32_dense"] / ms["base_lut"], 3),
+            "max_rel_error": {k: float(f"{v:.2e}") for k, v in err.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", default="2d7432e", help="the revision whose kernel is the baseline")
+    ap.add_argument("--tokens", default="1", help="comma-separated token counts")
+    ap.add_argument("--layers", default="dit-xl2.qkv,dit-xl2.proj,dit-xl2.fc1,dit-xl2.fc2,sd15.1280")
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    unknown = [name for name in args.layers.split(",") if name not in LINEARS]
+    if unknown:
+        raise SystemExit(f"unknown layer(s) {unknown}; choose from {sorted(LINEARS)}")
+    t0 = time.time()
+    base, base_colmajor = build_revision(args.base)
+    here = cpu.load_extension()
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for name in args.layers.split(","):
+        n_in, n_out = LINEARS[name]
+        for cfg, (m, bits) in CONFIGS.items():
+            cb, codes, scale = aq_weight(n_out, n_in, m, bits, 8, gen)
+            kcb, rowmajor, kscale = cpu.kernel_layout(codes, cb, scale, bits)
+            colmajor = cpu.cpu_layout(codes, cb, scale, bits)[1]
+            base_codes = colmajor if base_colmajor else rowmajor
+            w = (cb[torch.arange(m), codes].sum(2).reshape(n_out, n_in) * scale[:, None]).contiguous()
+            for tokens in (int(t) for t in args.tokens.split(",")):
+                x = torch.randn(tokens, n_in, generator=gen)
+                row = compare(x, w, kcb, kscale, (base, base_codes), (here, colmajor), args.reps)
+                rows.append({"layer": name, "in": n_in, "out": n_out, "config": cfg, "tokens": tokens, **row})
+                print(f"{name:14s} {cfg} T={tokens:4d}  dense {row['fp32_dense_ms']:.3f}  base {row['base_lut_ms']:.3f}"
+                      f"  new {row['lut_ms']:.3f} ms   new/base x{row['lut_vs_base']:.2f}"
+                      f"  new/dense x{row['lut_vs_fp32']:.2f}", flush=True)
+    result = {"provenance": provenance(), "base": args.base, "threads": args.threads, "reps": args.reps,
+              "wall_s": round(time.time() - t0, 1), "rows": rows}
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
