@@ -94,11 +94,13 @@ def main() -> None:
     res = ROOT / "benchmarks" / "results"
     k = json.loads((res / "kernels.json").read_text())
     parts = [f"Speed-up of diffquant's lookup kernel over torch fp32 dense (`benchmarks/results/kernels.json`, commit "
-             f"{k['provenance']['commit']}, {k['threads']} threads; median of 20 runs):", "", kernel_table(k)]
+             f"{k['provenance']['commit']}, {k['provenance']['machine']['cpu']}, {k['threads']} threads; median of 20 runs):",
+             "", kernel_table(k)]
     e2e = res / "kernels-e2e.json"
     if e2e.exists():
         e = json.loads(e2e.read_text())
-        parts += ["", f"End to end (`benchmarks/results/kernels-e2e.json`, commit {e['provenance']['commit']}; zoo: "
+        parts += ["", f"End to end (`benchmarks/results/kernels-e2e.json`, commit {e['provenance']['commit']}, "
+                      f"{e['provenance']['machine']['cpu']}; zoo: "
                       f"{e['n']} images x 20 DDIM steps; ldm4: one forward at batch 1):", "", e2e_table(e)]
     gpu = res / "kernels-gpu.json"
     if gpu.exists():
