@@ -7,8 +7,13 @@ REV:src/diffquant/kernels/aq_lut.cpp`) and built beside this tree's; a source th
 row-major (before 2e5461a) gets them row-major, the current one column-major (`cpu.cpu_layout`).
 Both outputs are checked against each other and against dequantize-then-dense.
 
+`--cold` also times every call after streaming through a buffer twice the size of the last-level cache,
+so that the weights (dense fp32, or codes and codebooks) come from DRAM as they do in a whole model,
+where each layer's weight is evicted by the others before it is used again. Hot timings call the same
+layer back to back, which lets a 16-21 MB fp32 weight sit in a 36 MB L3.
+
     python benchmarks/kernels_ab.py --base 2d7432e --json benchmarks/results/kernels-ab-onetoken.json
-    python benchmarks/kernels_ab.py --tokens 1,16,256 --threads 1
+    python benchmarks/kernels_ab.py --tokens 1,16 --cold --json benchmarks/results/kernels-ab-cold.json
 """
 
 from __future__ import annotations
@@ -53,8 +58,31 @@ def build_revision(rev: str):
     return ext, "codes_t" in src
 
 
+def llc_bytes() -> int:
+    """The last-level cache's size from sysfs (32 MiB if it cannot be read)."""
+    best = 0
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        mult = {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
+        best = max(best, int(text.rstrip("KM")) * mult)
+    return best or 32 << 20
+
+
+def timeit_cold(fn, reps: int, flush: torch.Tensor) -> float:
+    """Median ms of `fn` with the caches flushed before each call (the flush is not timed)."""
+    ts = []
+    with torch.no_grad():
+        fn()
+        for _ in range(reps):
+            flush.add_(1.0)  # reads and writes every line of a buffer twice the LLC
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2] * 1e3
+
+
 def compare(x: torch.Tensor, w: torch.Tensor, kcb: torch.Tensor, kscale: torch.Tensor, base: tuple, here: tuple,
-            reps: int) -> dict:
+            reps: int, flush: torch.Tensor | None = None) -> dict:
     """Dense, the base kernel and this tree's on one input: times (interleaved rounds, the best median
     kept, since the dense baseline's cache state moves between calls) and errors against dense."""
     xt = x.t().contiguous()
@@ -70,7 +98,15 @@ def compare(x: torch.Tensor, w: torch.Tensor, kcb: torch.Tensor, kscale: torch.T
     for _ in range(2):
         for impl, fn in fns.items():
             ms[impl] = min(ms.get(impl, float("inf")), timeit(fn, reps))
-    return {**{f"{k}_ms": round(v, 4) for k, v in ms.items()},
+    cold = {}
+    if flush is not None:
+        for impl, fn in fns.items():
+            cold[f"{impl}_cold"] = timeit_cold(fn, max(5, reps // 4), flush)
+        cold_ratios = {"lut_vs_base_cold": round(cold["base_lut_cold"] / cold["lut_cold"], 3),
+                       "lut_vs_fp32_cold": round(cold["fp32_dense_cold"] / cold["lut_cold"], 3)}
+    else:
+        cold_ratios = {}
+    return {**{f"{k}_ms": round(v, 4) for k, v in {**ms, **cold}.items()}, **cold_ratios,
             "lut_vs_base": round(ms["base_lut"] / ms["lut"], 3), "lut_vs_fp32": round(ms["fp32_dense"] / ms["lut"], 3),
             "base_vs_fp32": round(ms["fp32_dense"] / ms["base_lut"], 3),
             "max_rel_error": {k: float(f"{v:.2e}") for k, v in err.items()}}
@@ -84,6 +120,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--cold", action="store_true", help="also time with the caches flushed before each call")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     unknown = [name for name in args.layers.split(",") if name not in LINEARS]
@@ -93,6 +130,7 @@ def main() -> None:
     base, base_colmajor = build_revision(args.base)
     here = cpu.load_extension()
     gen = torch.Generator().manual_seed(0)
+    flush = torch.zeros(2 * llc_bytes() // 4) if args.cold else None
     rows = []
     for name in args.layers.split(","):
         n_in, n_out = LINEARS[name]
@@ -104,12 +142,16 @@ def main() -> None:
             w = (cb[torch.arange(m), codes].sum(2).reshape(n_out, n_in) * scale[:, None]).contiguous()
             for tokens in (int(t) for t in args.tokens.split(",")):
                 x = torch.randn(tokens, n_in, generator=gen)
-                row = compare(x, w, kcb, kscale, (base, base_codes), (here, colmajor), args.reps)
+                row = compare(x, w, kcb, kscale, (base, base_codes), (here, colmajor), args.reps, flush)
                 rows.append({"layer": name, "in": n_in, "out": n_out, "config": cfg, "tokens": tokens, **row})
                 print(f"{name:14s} {cfg} T={tokens:4d}  dense {row['fp32_dense_ms']:.3f}  base {row['base_lut_ms']:.3f}"
                       f"  new {row['lut_ms']:.3f} ms   new/base x{row['lut_vs_base']:.2f}"
-                      f"  new/dense x{row['lut_vs_fp32']:.2f}", flush=True)
+                      f"  new/dense x{row['lut_vs_fp32']:.2f}"
+                      + (f"   cold: dense {row['fp32_dense_cold_ms']:.3f}  base {row['base_lut_cold_ms']:.3f}  new "
+                         f"{row['lut_cold_ms']:.3f} ms  new/dense x{row['lut_vs_fp32_cold']:.2f}" if flush is not None
+                         else ""), flush=True)
     result = {"provenance": provenance(), "base": args.base, "threads": args.threads, "reps": args.reps,
+              "cold_flush_bytes": None if flush is None else flush.numel() * 4,
               "wall_s": round(time.time() - t0, 1), "rows": rows}
     if args.json:
         write_json(args.json, result)
