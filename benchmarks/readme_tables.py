@@ -96,11 +96,13 @@ def noise_verdicts(file: str, model: str, label: str) -> str:
 
 def main() -> int:
     blocks = [
-        section("U-Net, full size (5,000 samples)", ["quality-full-mnist-unet.json"], "mnist-unet"),
+        section("U-Net, full size (5,000 samples)", ["quality-full-mnist-unet.json",
+                                                     "quality-full-mnist-unet-perstep.json"], "mnist-unet"),
         section("DiT, full size (5,000 samples)", ["quality-full-mnist-dit.json", "quality-full-mnist-dit-peers.json",
                                                     "quality-full-mnist-dit-abl.json",
                                                     "quality-full-mnist-dit-flat.json",
-                                                    "quality-full-mnist-dit-kaq.json"], "mnist-dit"),
+                                                    "quality-full-mnist-dit-kaq.json",
+                                                    "quality-full-mnist-dit-perstep.json"], "mnist-dit"),
         section("U-Net, quick size (1,000 samples)", ["quality-quick-mnist-unet.json"], "mnist-unet"),
         section("DiT, quick size (1,000 samples)", ["quality-quick-mnist-dit.json", "quality-quick-mnist-dit-aq.json"],
                 "mnist-dit"),
