@@ -94,7 +94,8 @@ def main() -> None:
     res = ROOT / "benchmarks" / "results"
     k = json.loads((res / "kernels.json").read_text())
     parts = [f"Speed-up of diffquant's lookup kernel over torch fp32 dense (`benchmarks/results/kernels.json`, commit "
-             f"{k['provenance']['commit']}, {k['provenance']['machine']['cpu']}, {k['threads']} threads; median of 20 runs):",
+             f"{k['provenance']['commit']}, {k['provenance']['machine']['cpu']}, {k['threads']} threads; "
+             "median of 20 runs):",
              "", kernel_table(k)]
     e2e = res / "kernels-e2e.json"
     if e2e.exists():
