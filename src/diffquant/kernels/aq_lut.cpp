@@ -24,8 +24,9 @@
 // for each (group, codebook) column the 16 output rows of a vector look up their K-entry table row.
 // With up to 256 codewords (uint8 codes) that row is held in K/16 registers and the lookup is a tree
 // of register permutes (vpermi2ps picks from 32 entries; blends on the code's higher bits), not a
-// memory gather: on the Xeon (Cascade Lake) the permute tree ran 2x faster than 16-lane gathers
-// (DiT-XL/2 qkv 2x8, 1 token: 0.66 ms against 1.35 ms row-major gathers, 1.84 ms column-major).
+// memory gather: on the Xeon (Cascade Lake) it ran 1.6-2.4x faster than the row-major 16-lane gathers it
+// replaced, e.g. DiT-XL/2 qkv 2x8 at 1 token 0.40 ms against 0.84 ms (benchmarks/kernels_ab.py,
+// benchmarks/results/kernels-ab-onetoken.json).
 // Larger codebooks use gathers from the column's table.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>

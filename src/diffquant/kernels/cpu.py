@@ -72,8 +72,8 @@ def available() -> bool:
 
 def aq_linear(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
               bias: torch.Tensor | None, jb: int = 8) -> torch.Tensor:
-    """x (..., in) @ W^T + bias, W given by AQ codes (out, groups, M) in the kernel layout (see
-    `cpu_layout`); the input is transposed to token-contiguous and the output back."""
+    """x (..., in) @ W^T + bias, W given by AQ codes in the C++ kernel's layout, (groups * M, out)
+    column-major (see `cpu_layout`); the input is transposed to token-contiguous and the output back."""
     if not x.is_cpu:
         raise ValueError(f"the lookup-table kernel runs on the CPU; got a tensor on {x.device} (use 'triton' there)")
     ext = load_extension()
@@ -105,8 +105,9 @@ def aq_conv2d(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, sca
 
 def kernel_layout(codes: torch.Tensor, codebooks: torch.Tensor, scale: torch.Tensor, bits: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codebooks fp32, codes uint8 / int16, scale fp32), contiguous: what the C++ kernel reads. Codes of
-    up to 8 bits take one byte each (exact for B = 8), up to 16 bits two."""
+    """(codebooks fp32, codes uint8 / int16, scale fp32), contiguous, codes row-major (out, groups, M): what
+    the Triton kernels read (`cpu_layout` transposes the codes for the C++ kernel). Codes of up to 8 bits
+    take one byte each (exact for B = 8), up to 16 bits two."""
     c = codes.to(torch.uint8) if bits <= 8 else codes.to(torch.int32).to(torch.int16)
     return codebooks.float().contiguous(), c.contiguous(), scale.float().contiguous()
 
