@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.cpp_extension import load
 
+from diffquant.formats.additive import dequantize_additive
 from diffquant.io_utils import write_json
 from diffquant.kernels import cpu
 from diffquant.provenance import provenance
@@ -139,7 +140,7 @@ def main() -> None:
             kcb, rowmajor, kscale = cpu.kernel_layout(codes, cb, scale, bits)
             colmajor = cpu.cpu_layout(codes, cb, scale, bits)[1]
             base_codes = colmajor if base_colmajor else rowmajor
-            w = (cb[torch.arange(m), codes].sum(2).reshape(n_out, n_in) * scale[:, None]).contiguous()
+            w = dequantize_additive(codes, cb, scale).contiguous()
             for tokens in (int(t) for t in args.tokens.split(",")):
                 x = torch.randn(tokens, n_in, generator=gen)
                 row = compare(x, w, kcb, kscale, (base, base_codes), (here, colmajor), args.reps, flush)
