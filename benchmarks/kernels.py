@@ -15,9 +15,10 @@ linears, LDM-4 ImageNet's 3x3 convolutions at their resolutions (tokens = pixels
     torchao-int4    torchao IntxWeightOnlyConfig(int4, group 32) (linear only)
 
 numba_lut and aqlm run up to 16 tokens only (seconds to minutes per call beyond), the peers up to 256.
-Median of --reps timed runs after warm-up; FLOPs (2 per multiply-add, 1 per lookup add) and weight
-bytes for each; ratios to fp32 dense. `--write-thresholds` stores, per token count, the smallest FLOP
-bound at which diffquant_lut beat fp32 dense (what `kernels.dispatch` uses).
+Median of --reps timed runs after warm-up, taken in rounds that run every implementation once
+(rotating order) so that the host's slow stretches fall on all of them alike; FLOPs (2 per
+multiply-add, 1 per lookup add) and weight bytes for each; ratios to fp32 dense. `--write-thresholds`
+stores, per token count, the smallest FLOP bound at which diffquant_lut beat fp32 dense (what `kernels.dispatch` uses).
 
     python benchmarks/kernels.py --json benchmarks/results/kernels.json --write-thresholds
     python benchmarks/kernels.py --quick
@@ -53,16 +54,24 @@ TOKENS = (1, 16, 256, 1024, 4096)
 CONFIGS = {"1x8": (1, 8), "2x8": (2, 8)}
 
 
-def timeit(fn, reps: int) -> float:
+def timeit_rounds(fns: dict, reps: int) -> dict[str, float]:
+    """Median ms of each function, timed in rounds: every round runs each function once, in an order
+    rotated round by round. On a shared VM the host slows whole stretches of seconds (the same call
+    measured 1.9x apart minutes later); timing one implementation after the other lets such a stretch
+    fall on one of them and decide the ratio, while rounds spread it over all of them."""
+    names = list(fns)
     with torch.no_grad():
-        for _ in range(3):
-            fn()
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
+        for name in names:
+            for _ in range(3):
+                fns[name]()
+        ts: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(reps):
+            for i in range(len(names)):
+                name = names[(r + i) % len(names)]
+                t = time.perf_counter()
+                fns[name]()
+                ts[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) * 1e3 for name, v in ts.items()}
 
 
 def aq_weight(out: int, in_flat: int, m: int, bits: int, g: int, gen: torch.Generator):
@@ -154,19 +163,21 @@ def conv_rows(name, ch, hw, cfg, reps, gen):
 
 
 def _measure(name, kind, n_in, n_out, tokens, cfg, impls, ref, reps, bound):
-    rows, base = [], None
-    for impl, (fn, flops, wbytes) in impls.items():
+    rows, errs = [], {}
+    for impl, (fn, _, _) in impls.items():
         with torch.no_grad():
-            out = fn()
-        out = torch.as_tensor(out).reshape(ref.shape)
-        err = ((out - ref).abs().max() / ref.abs().max()).item()
-        ms = timeit(fn, reps)
-        base = ms if impl == "fp32_dense" else base
+            out = torch.as_tensor(fn()).reshape(ref.shape)
+        errs[impl] = ((out - ref).abs().max() / ref.abs().max()).item()
+    ms = timeit_rounds({i: f for i, (f, _, _) in impls.items()}, reps)
+    base = ms["fp32_dense"]
+    for impl, (_, flops, wbytes) in impls.items():
+        err = errs[impl]
         rows.append({"layer": name, "kind": kind, "in": n_in, "out": n_out, "tokens": tokens, "config": cfg,
-                     "impl": impl, "median_ms": round(ms, 4), "speedup_vs_fp32": round(base / ms, 3),
+                     "impl": impl, "median_ms": round(ms[impl], 4), "speedup_vs_fp32": round(base / ms[impl], 3),
                      "flops": flops, "weight_bytes": wbytes, "flop_bound": round(bound, 3),
                      "max_rel_error": float(f"{err:.2e}")})
-        print(f"{name:18s} {cfg} T={tokens:5d} {impl:14s} {ms:9.3f} ms  x{base / ms:5.2f}  err {err:.1e}", flush=True)
+        print(f"{name:18s} {cfg} T={tokens:5d} {impl:14s} {ms[impl]:9.3f} ms  x{base / ms[impl]:5.2f}  err {err:.1e}",
+              flush=True)
     return rows
 
 

@@ -35,7 +35,7 @@ from diffquant.kernels import cpu
 from diffquant.provenance import provenance
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import CONFIGS, LINEARS, aq_weight, timeit  # noqa: E402
+from kernels import CONFIGS, LINEARS, aq_weight, timeit_rounds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "src/diffquant/kernels/aq_lut.cpp"
@@ -92,13 +92,11 @@ def compare(x: torch.Tensor, w: torch.Tensor, kcb: torch.Tensor, kscale: torch.T
     fns = {"fp32_dense": lambda: F.linear(x, w),
            "base_lut": lambda: base_ext.aq_matmul_tokens(xt, kcb, base_codes, kscale, None, 8, True).t(),
            "lut": lambda: ext.aq_matmul_tokens(xt, kcb, codes, kscale, None, 8, True).t()}
-    ms, err = {}, {}
+    err = {}
     for impl, fn in fns.items():
         with torch.no_grad():
             err[impl] = ((fn() - ref).abs().max() / ref.abs().max()).item()
-    for _ in range(2):
-        for impl, fn in fns.items():
-            ms[impl] = min(ms.get(impl, float("inf")), timeit(fn, reps))
+    ms = timeit_rounds(fns, reps)
     cold = {}
     if flush is not None:
         for impl, fn in fns.items():

@@ -13,6 +13,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from diffquant.formats import AdditiveSpec, KMeansSpec, UniformSpec
+from diffquant.io_utils import atomic_path
 from diffquant.methods.accuquant import ReconConfig
 from diffquant.methods.pv_tuning import PVConfig
 from diffquant.nn.act import ActSpec
@@ -110,7 +111,8 @@ class QuantConfig:
         return cls(**d)
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 IO_8BIT = {"@io": WeightConfig("uniform", 8)}

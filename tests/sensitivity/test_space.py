@@ -5,6 +5,7 @@ import torch
 
 import diffquant as dq
 from diffquant.accounting import bit_report
+from diffquant.formats.additive import AdditiveWeight
 from diffquant.methods.aquatic import AQSearch, layer_rows
 from diffquant.sensitivity.space import Option, SearchSpace, all_options, tied_units
 
@@ -90,7 +91,15 @@ def test_aq_options_need_calibration_then_join_the_cache_and_reproduce_as_a_reci
     applied = full.apply(full.quantized_model(), config)
     assert full.effective_bits(config) == pytest.approx(bit_report(applied)["effective_bits"], rel=1e-9)
     assert again.effective_bits(config) == full.effective_bits(config)
-    full.to_recipe(config, "mixed-aq").to_json(tmp_path / "r.json")
+    recipe, pinned = full.to_recipe(config, "mixed-aq"), 0
+    for u, ls in full.units.items():  # aq layers name the searched (M, B, g), not a budget a later rule re-reads
+        for n in ls:
+            wc, q = recipe.weight_for(n, set()), full.table[n][config[u].key]
+            if isinstance(q, AdditiveWeight):
+                assert wc.target_bits == 0 and wc.aq_spec(tuple(q.shape)) == q.spec
+                pinned += 1
+    assert pinned > 0
+    recipe.to_json(tmp_path / "r.json")
     via_recipe = dq.quantize_(copy.deepcopy(tiny_unet), dq.get_recipe(str(tmp_path / "r.json")), calib=calib,
                               search=fast)
     for n in full.layers:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -208,10 +208,23 @@ class SearchSpace:
 
     def to_recipe(self, config: dict[str, Option], name: str, act=None) -> QuantConfig:
         """The configuration as a recipe (`diffquant quantize MODEL --recipe FILE`): one exact-name
-        override per layer."""
+        override per layer. An `aq` layer's override names the (M, B, g) its searched weight has, not
+        the bit budget it was chosen within: the rule that turns a budget into a setting may change
+        (it did, b4a0bff), and a recipe must apply the configuration that was measured."""
         self.check(config)
-        layers = {_escape(n): config[u].weight_config() for u, ls in self.units.items() for n in ls}
+        layers = {_escape(n): pin_aq_spec(config[u].weight_config(), self.table[n][config[u].key])
+                  for u, ls in self.units.items() for n in ls}
         return QuantConfig(name=name, weight=WeightConfig("uniform", 4), act=act, layers=layers)
+
+
+def pin_aq_spec(wc: WeightConfig, weight: QuantizedWeight | None) -> WeightConfig:
+    """`wc` with an `aq` bit budget replaced by the fixed (M, B, g) of `weight`, the layer's weight
+    under it; unchanged for other methods, fixed settings, or a budget no setting fit (that layer
+    was quantized uniformly, and the budget reproduces that)."""
+    if wc.method != "aq" or not wc.target_bits or not isinstance(weight, AdditiveWeight):
+        return wc
+    spec = weight.spec
+    return replace(wc, bits=spec.bits, codebooks=spec.codebooks, group_size=spec.group, target_bits=0.0)
 
 
 def _escape(name: str) -> str:
