@@ -84,8 +84,8 @@ def timeit_cold(fn, reps: int, flush: torch.Tensor) -> float:
 
 def compare(x: torch.Tensor, w: torch.Tensor, kcb: torch.Tensor, kscale: torch.Tensor, base: tuple, here: tuple,
             reps: int, flush: torch.Tensor | None = None) -> dict:
-    """Dense, the base kernel and this tree's on one input: times (interleaved rounds, the best median
-    kept, since the dense baseline's cache state moves between calls) and errors against dense."""
+    """Dense, the base kernel and this tree's on one input: times (medians over rotating rounds, see
+    kernels.timeit_rounds; cold ones too with `flush`) and errors against dense."""
     xt = x.t().contiguous()
     ref = F.linear(x, w)
     (base_ext, base_codes), (ext, codes) = base, here

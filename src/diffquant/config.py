@@ -13,7 +13,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from diffquant.formats import AdditiveSpec, KMeansSpec, UniformSpec
-from diffquant.io_utils import atomic_path
+from diffquant.io_utils import write_json
 from diffquant.methods.accuquant import ReconConfig
 from diffquant.methods.pv_tuning import PVConfig
 from diffquant.nn.act import ActSpec
@@ -111,8 +111,7 @@ class QuantConfig:
         return cls(**d)
 
     def to_json(self, path: str | Path) -> None:
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json(path, self.to_dict())
 
 
 IO_8BIT = {"@io": WeightConfig("uniform", 8)}
