@@ -217,7 +217,7 @@ class SearchSpace:
         return QuantConfig(name=name, weight=WeightConfig("uniform", 4), act=act, layers=layers)
 
 
-def pin_aq_spec(wc: WeightConfig, weight: QuantizedWeight | None) -> WeightConfig:
+def pin_aq_spec(wc: WeightConfig, weight: QuantizedWeight) -> WeightConfig:
     """`wc` with an `aq` bit budget replaced by the fixed (M, B, g) of `weight`, the layer's weight
     under it; unchanged for other methods, fixed settings, or a budget no setting fit (that layer
     was quantized uniformly, and the budget reproduces that)."""
