@@ -234,6 +234,9 @@ RECIPES: dict[str, QuantConfig] = {
         *[_recon(f"w{w}a{a}-accuquant-bal", w, a, "accuquant", balance=True) for w, a in RECON_SETTINGS],
         # AccuQuant as a refinement of the per-step solution (the per-step run, then the multi-step objective)
         *[_recon(f"w{w}a{a}-accuquant-refine", w, a, "accuquant", refine=True) for w, a in RECON_SETTINGS],
+        # ... with a longer (M = 8) or shorter (M = 2) simulated horizon
+        *[_recon(f"w{w}a{a}-accuquant-refine-m{m}", w, a, "accuquant", m, refine=True)
+          for w, a in RECON_SETTINGS for m in (2, 8)],
     ]
 }
 
