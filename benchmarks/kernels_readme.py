@@ -38,10 +38,15 @@ def kernel_table(doc: dict) -> str:
 
 
 def e2e_table(doc: dict) -> str:
-    lines = ["| case | wall (s) | weights held (MiB) | peak RSS (MiB) |", "|---|---|---|---|"]
+    """Wall time as the median over rounds (with the minimum) and as a ratio to the same model's FP case."""
+    lines = ["| case | wall (s), median | min | speed-up vs FP | weights held (MiB) | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|"]
+    wall = {r["case"]: r.get("wall_s", r.get("forward_s")) for r in doc["rows"]}
     for r in doc["rows"]:
-        wall = r.get("wall_s", r.get("forward_s"))
-        lines.append(f"| {r['case']} | {wall:.2f} | {r['weights_held_mib']:.1f} | {r['peak_rss_mib']:.0f} |")
+        w, fp = wall[r["case"]], wall.get(r["case"].split(":")[0] + ":fp")
+        low = r.get("wall_s_min", r.get("forward_s_min"))
+        lines.append(f"| {r['case']} | {w:.2f} | {f'{low:.2f}' if low is not None else '-'} | "
+                     f"{f'{fp / w:.2f}x' if fp else '-'} | {r['weights_held_mib']:.1f} | {r['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
 
 
@@ -102,7 +107,8 @@ def main() -> None:
         e = json.loads(e2e.read_text())
         parts += ["", f"End to end (`benchmarks/results/kernels-e2e.json`, commit {e['provenance']['commit']}, "
                       f"{e['provenance']['machine']['cpu']}; zoo: "
-                      f"{e['n']} images x 20 DDIM steps; ldm4: one forward at batch 1):", "", e2e_table(e)]
+                      f"{e['n']} images x 20 DDIM steps; ldm4: one forward at batch 1; {e.get('rounds', 1)} rounds, "
+                      "each case in a fresh process):", "", e2e_table(e)]
     gpu = res / "kernels-gpu.json"
     if gpu.exists():
         g = json.loads(gpu.read_text())
