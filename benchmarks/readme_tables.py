@@ -45,28 +45,34 @@ def section(title: str, files: list[str], model: str) -> str:
     return f"**{title}**: {_header(docs, names)}\n\n{table(rows)}\n"
 
 
-def accuquant_ratios(file: str, model: str, label: str) -> str:
-    """FID-to-FP of every calibration of one setting, and its ratio to the per-step baseline's."""
-    path = RESULTS / file
-    if not path.exists():
+def accuquant_ratios(files: list[str], model: str, label: str) -> str:
+    """FID-to-FP of every calibration of one setting, and its ratio to the per-step baseline's; rows from
+    several result files (same size and seed), the first file's row winning where two hold one method."""
+    files = [f for f in files if (RESULTS / f).exists()]
+    if not files:
         return ""
-    rows = {r["method"]: r for r in json.loads(path.read_text())["rows"] if r["model"] == model}
+    rows = {}
+    for f in reversed(files):
+        rows.update({r["method"]: r for r in json.loads((RESULTS / f).read_text())["rows"] if r["model"] == model})
     out = ["| setting | calibration | FID-to-FP | / per-step | class acc. | PSNR | SSIM |",
            "|---|---|---|---|---|---|---|"]
     for setting in ("w4a8", "w3a8", "w3a6"):
         base = rows.get(f"{setting}-perstep")
         for suffix in ("", "-perstep", "-accuquant-m2", "-accuquant", "-accuquant-m8", "-accuquant-bal",
-                       "-accuquant-refine"):
+                       "-accuquant-refine-m2", "-accuquant-refine", "-accuquant-refine-m8"):
             r = rows.get(setting + suffix)
             if r is None:
                 continue
             ratio = f"{r['fid_to_fp'] / base['fid_to_fp']:.2f}x" if base else "-"
             name = {"": "RTN", "-perstep": "per-step (Q-Diffusion)", "-accuquant": "AccuQuant M=4",
-                    "-accuquant-refine": "AccuQuant M=4 from the per-step solution"}.get(
+                    "-accuquant-refine": "AccuQuant M=4 from the per-step solution",
+                    "-accuquant-refine-m2": "AccuQuant M=2 from the per-step solution",
+                    "-accuquant-refine-m8": "AccuQuant M=8 from the per-step solution"}.get(
                 suffix, "AccuQuant " + suffix.split("-")[-1].replace("m", "M=").replace("bal", "M=4, balanced"))
             out.append(f"| {setting.upper()} | {name} | {r['fid_to_fp']:.3f} | {ratio} | {r['class_accuracy']:.3f} | "
                        f"{r['psnr']:.2f} | {r['ssim']:.3f} |")
-    return (f"**{label}, calibration objectives (1,000 samples; `{file}`)**: FID-to-FP against the per-step "
+    where = ", ".join(f"`{f}`" for f in files)
+    return (f"**{label}, calibration objectives (1,000 samples; {where})**: FID-to-FP against the per-step "
             "baseline's at the same setting (target for AccuQuant: at most 0.7x)\n\n" + "\n".join(out) + "\n")
 
 
@@ -118,8 +124,10 @@ def main() -> int:
                 ["quality-quick-mnist-dit-ts.json", "quality-quick-mnist-dit-ts-aq.json"], "mnist-dit"),
         section("A8 ranges per timestep and per token, U-Net, quick size", ["quality-quick-mnist-unet-ts.json"],
                 "mnist-unet"),
-        accuquant_ratios("quality-quick-mnist-unet-accuquant.json", "mnist-unet", "U-Net"),
-        accuquant_ratios("quality-quick-mnist-dit-accuquant.json", "mnist-dit", "DiT"),
+        accuquant_ratios(["quality-quick-mnist-unet-accuquant.json", "quality-quick-mnist-unet-accuquant-m2.json"],
+                         "mnist-unet", "U-Net"),
+        accuquant_ratios(["quality-quick-mnist-dit-accuquant.json", "quality-quick-mnist-dit-accuquant-m2.json"],
+                         "mnist-dit", "DiT"),
         section("FP with other noise (seeds 10,000+): the seed-to-seed noise of each metric, U-Net",
                 ["quality-quick-fp-seed10000.json"], "mnist-unet"),
         section("FP with other noise, DiT", ["quality-quick-fp-seed10000.json"], "mnist-dit"),
