@@ -296,7 +296,7 @@ def group_loss_and_grad(student, scheduler, trainable: Trainable, x0, labels, ta
         scale *= coeffs[k]
     if extra is not None:
         extra.backward()
-    return float(loss)
+    return float(loss.detach())
 
 
 # --------------------------------------------------------------------------------------------------
