@@ -126,7 +126,7 @@ def main() -> int:
                 "mnist-unet"),
         accuquant_ratios(["quality-quick-mnist-unet-accuquant.json", "quality-quick-mnist-unet-accuquant-m2.json"],
                          "mnist-unet", "U-Net"),
-        accuquant_ratios(["quality-quick-mnist-dit-accuquant.json", "quality-quick-mnist-dit-accuquant-m2.json"],
+        accuquant_ratios(["quality-quick-mnist-dit-accuquant.json", "quality-quick-mnist-dit-accuquant-b.json"],
                          "mnist-dit", "DiT"),
         section("FP with other noise (seeds 10,000+): the seed-to-seed noise of each metric, U-Net",
                 ["quality-quick-fp-seed10000.json"], "mnist-unet"),
