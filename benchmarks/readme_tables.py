@@ -45,6 +45,16 @@ def section(title: str, files: list[str], model: str) -> str:
     return f"**{title}**: {_header(docs, names)}\n\n{table(rows)}\n"
 
 
+def _calibration_name(suffix: str) -> str:
+    """'-accuquant-refine-m8' -> 'AccuQuant M=8 from the per-step solution' (M = 4 where none is named)."""
+    if suffix in ("", "-perstep"):
+        return {"": "RTN", "-perstep": "per-step (Q-Diffusion)"}[suffix]
+    parts = suffix.split("-")[2:]
+    m = next((p[1:] for p in parts if p.startswith("m")), "4")
+    return (f"AccuQuant M={m}" + (", balanced" if "bal" in parts else "")
+            + (" from the per-step solution" if "refine" in parts else ""))
+
+
 def accuquant_ratios(files: list[str], model: str, label: str) -> str:
     """FID-to-FP of every calibration of one setting, and its ratio to the per-step baseline's; rows from
     several result files (same size and seed), the first file's row winning where two hold one method."""
@@ -64,13 +74,8 @@ def accuquant_ratios(files: list[str], model: str, label: str) -> str:
             if r is None:
                 continue
             ratio = f"{r['fid_to_fp'] / base['fid_to_fp']:.2f}x" if base else "-"
-            name = {"": "RTN", "-perstep": "per-step (Q-Diffusion)", "-accuquant": "AccuQuant M=4",
-                    "-accuquant-refine": "AccuQuant M=4 from the per-step solution",
-                    "-accuquant-refine-m2": "AccuQuant M=2 from the per-step solution",
-                    "-accuquant-refine-m8": "AccuQuant M=8 from the per-step solution"}.get(
-                suffix, "AccuQuant " + suffix.split("-")[-1].replace("m", "M=").replace("bal", "M=4, balanced"))
-            out.append(f"| {setting.upper()} | {name} | {r['fid_to_fp']:.3f} | {ratio} | {r['class_accuracy']:.3f} | "
-                       f"{r['psnr']:.2f} | {r['ssim']:.3f} |")
+            out.append(f"| {setting.upper()} | {_calibration_name(suffix)} | {r['fid_to_fp']:.3f} | {ratio} | "
+                       f"{r['class_accuracy']:.3f} | {r['psnr']:.2f} | {r['ssim']:.3f} |")
     where = ", ".join(f"`{f}`" for f in files)
     return (f"**{label}, calibration objectives (1,000 samples; {where})**: FID-to-FP against the per-step "
             "baseline's at the same setting (target for AccuQuant: at most 0.7x)\n\n" + "\n".join(out) + "\n")
