@@ -56,11 +56,14 @@ def main() -> int:
     for r in rows:
         print(f"{r['model']:<11} {r['method']:<28} {r['group_steps'] or '-':>2} {r['fid_to_fp']:9.4f} "
               f"{r['ratio_min']:8.3f} - {r['ratio_max']:.3f} {r['units_worse']:>5}")
-    refine = [r for r in rows if r["from_perstep"]]
-    summary = {"rows": len(rows), "refine_rows": len(refine),
-               "refine_units": sum(len(r["units"]) for r in refine),
-               "refine_units_worse": sum(r["units_worse"] for r in refine),
-               "refine_ratio_max": max((r["ratio_max"] for r in refine), default=None)}
+    summary = {"rows": len(rows)}
+    for kind, keep in (("refine", lambda r: r["from_perstep"]),
+                       ("scratch", lambda r: r["objective"] == "accuquant" and not r["from_perstep"]),
+                       ("perstep", lambda r: r["objective"] == "perstep")):
+        part = [r for r in rows if keep(r)]
+        summary |= {f"{kind}_rows": len(part), f"{kind}_units": sum(len(r["units"]) for r in part),
+                    f"{kind}_units_worse": sum(r["units_worse"] for r in part),
+                    f"{kind}_ratio_max": max((r["ratio_max"] for r in part), default=None)}
     print(json.dumps(summary))
     for r in rows:
         for u, v in r["units"].items():
