@@ -51,6 +51,9 @@ def main() -> int:
     files = [Path(f) for f in (args.files or sorted(glob.glob(DEFAULT_GLOB)))]
     if not files:
         raise SystemExit(f"no quality files found (looked for {DEFAULT_GLOB}); pass their paths")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise SystemExit(f"no such quality file: {', '.join(missing)}; pass files written by benchmarks/quality.py")
     rows = [row for f in files for row in unit_rows(f)]
     print(f"{'model':<11} {'method':<28} {'M':>2} {'FID-to-FP':>9} {'unit ratio min-max':>19} worse")
     for r in rows:
