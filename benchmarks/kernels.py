@@ -18,7 +18,8 @@ numba_lut and aqlm run up to 16 tokens only (seconds to minutes per call beyond)
 Median of --reps timed runs after warm-up, taken in rounds that run every implementation once
 (rotating order) so that the host's slow stretches fall on all of them alike; FLOPs (2 per
 multiply-add, 1 per lookup add) and weight bytes for each; ratios to fp32 dense. `--write-thresholds`
-stores, per token count, the smallest FLOP bound at which diffquant_lut beat fp32 dense (what `kernels.dispatch` uses).
+stores this CPU's entry (per token count, the smallest FLOP bound and layer size at which diffquant_lut beat fp32
+dense: what `kernels.dispatch` uses on this microarchitecture) in the shipped thresholds.json.
 
     python benchmarks/kernels.py --json benchmarks/results/kernels.json --write-thresholds
     python benchmarks/kernels.py --quick
@@ -27,8 +28,6 @@ stores, per token count, the smallest FLOP bound at which diffquant_lut beat fp3
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import time
 import warnings
 from pathlib import Path
@@ -42,44 +41,8 @@ from diffquant.io_utils import write_json
 from diffquant.kernels import cpu
 from diffquant.kernels.dispatch import _THRESHOLDS, flop_bound
 from diffquant.kernels.reference import dequant_conv2d, dequant_linear
+from diffquant.kernels.tune import CONFIGS, CONVS, LINEARS, TOKENS, break_even, random_aq, store_entry, timeit_rounds
 from diffquant.provenance import provenance
-
-LINEARS = {"dit-xl2.qkv": (1152, 3456), "dit-xl2.proj": (1152, 1152), "dit-xl2.fc1": (1152, 4608),
-           "dit-xl2.fc2": (4608, 1152), "sd15.320": (320, 320), "sd15.640": (640, 640), "sd15.1280": (1280, 1280),
-           "zoo-unet.128": (128, 128)}  # the zoo's own sizes: the dispatch's minimum layer size comes from these
-CONVS = {"zoo-unet.conv64@16": (64, 16), "zoo-unet.conv128@8": (128, 8),
-         "ldm4.conv192@32": (192, 32), "ldm4.conv384@16": (384, 16), "ldm4.conv576@8": (576, 8),
-         "ldm4.conv960@8": (960, 8)}
-TOKENS = (1, 16, 256, 1024, 4096)
-CONFIGS = {"1x8": (1, 8), "2x8": (2, 8)}
-
-
-def timeit_rounds(fns: dict, reps: int) -> dict[str, float]:
-    """Median ms of each function, timed in rounds: every round runs each function once, in an order
-    rotated round by round. On a shared VM the host slows whole stretches of seconds (the same call
-    measured 1.9x apart minutes later); timing one implementation after the other lets such a stretch
-    fall on one of them and decide the ratio, while rounds spread it over all of them."""
-    names = list(fns)
-    with torch.no_grad():
-        for name in names:
-            for _ in range(3):
-                fns[name]()
-        ts: dict[str, list[float]] = {name: [] for name in names}
-        for r in range(reps):
-            for i in range(len(names)):
-                name = names[(r + i) % len(names)]
-                t = time.perf_counter()
-                fns[name]()
-                ts[name].append(time.perf_counter() - t)
-    return {name: statistics.median(v) * 1e3 for name, v in ts.items()}
-
-
-def aq_weight(out: int, in_flat: int, m: int, bits: int, g: int, gen: torch.Generator):
-    k = 1 << bits
-    cb = (torch.randn(m, k, g, generator=gen) * 0.02).half().float()
-    codes = torch.randint(0, k, (out, in_flat // g, m), generator=gen)
-    scale = (torch.rand(out, generator=gen) + 0.5).half().float()
-    return cb, codes, scale
 
 
 def _numba_lut():
@@ -110,7 +73,7 @@ def _numba_lut():
 def linear_rows(name, n_in, n_out, tokens, cfg, reps, gen, peers):
     m, bits = CONFIGS[cfg]
     g = 8
-    cb, codes, scale = aq_weight(n_out, n_in, m, bits, g, gen)
+    cb, codes, scale = random_aq(n_out, n_in, m, bits, g, gen)
     bias = torch.zeros(n_out)
     w = dequant_linear(torch.eye(n_in), cb, codes, scale, None).t().contiguous()
     x = torch.randn(tokens, n_in, generator=gen)
@@ -143,7 +106,7 @@ def linear_rows(name, n_in, n_out, tokens, cfg, reps, gen, peers):
 def conv_rows(name, ch, hw, cfg, reps, gen):
     m, bits = CONFIGS[cfg]
     g = 9
-    cb, codes, scale = aq_weight(ch, ch * 9, m, bits, g, gen)
+    cb, codes, scale = random_aq(ch, ch * 9, m, bits, g, gen)
     bias = torch.zeros(ch)
     shape = (ch, ch, 3, 3)
     w = dequant_linear(torch.eye(ch * 9), cb, codes, scale, None).t().reshape(shape).contiguous()
@@ -240,25 +203,6 @@ def load_peers() -> dict:
     return peers
 
 
-def write_thresholds(rows: list[dict]) -> dict:
-    """Per token count, a safe region for the lookup: the smallest FLOP bound and weight size (in*out)
-    such that every measured configuration with at least both won against fp32 dense; of the safe
-    pairs, the one that keeps the most winners. A FLOP bound alone is not enough: small layers (the
-    zoo's) lose to fixed per-call costs however good their bound."""
-    bounds, sizes = {}, {}
-    for t in sorted({r["tokens"] for r in rows}):
-        lut = [r for r in rows if r["tokens"] == t and r["impl"] == "diffquant_lut"]
-        wins = [r for r in lut if r["speedup_vs_fp32"] > 1.0]
-        best, best_n = (1e9, 1 << 62), -1
-        for b in sorted({r["flop_bound"] for r in wins}):
-            for s in sorted({r["in"] * r["out"] for r in wins}):
-                covered = [r for r in lut if r["flop_bound"] >= b and r["in"] * r["out"] >= s]
-                if all(r["speedup_vs_fp32"] > 1.0 for r in covered) and len(covered) > best_n:
-                    best, best_n = (b, s), len(covered)
-        bounds[t], sizes[t] = best
-    return {"min_flop_bound": bounds, "min_weight_elems": sizes}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="DiT qkv + LDM-4 conv960 only, 1/16/256/4096 tokens, 10 reps")
@@ -287,14 +231,11 @@ def main() -> None:
               "spec_check": {c: AdditiveSpec(m, b, 8).code_bits_per_weight for c, (m, b) in CONFIGS.items()},
               "rows": rows}
     if args.write_thresholds:
-        th = write_thresholds(rows)
+        th = break_even(rows)
         result["thresholds"] = th
-        # the CPU entries are replaced; what other benchmarks wrote (kernels_gpu.py's `gpu`) is kept
-        old = json.loads(_THRESHOLDS.read_text()) if _THRESHOLDS.exists() else {}
-        meta = {"source": "benchmarks/kernels.py", "commit": result["provenance"].get("commit"),
-                "machine": result["provenance"].get("machine", {}).get("cpu"), **th}
-        meta.update({k: v for k, v in old.items() if k not in meta})
-        write_json(_THRESHOLDS, meta)
+        # this CPU's entry is replaced; the other machines' and the GPU's (kernels_gpu.py) are kept
+        store_entry(_THRESHOLDS, {"source": "benchmarks/kernels.py", "commit": result["provenance"].get("commit"),
+                                  "machine": result["provenance"].get("machine", {}).get("cpu"), **th})
     if args.json:
         write_json(args.json, result)
         print(f"wrote {args.json} ({len(rows)} rows, {result['wall_s']} s)")

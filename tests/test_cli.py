@@ -6,7 +6,7 @@ from click.testing import CliRunner
 from diffquant.cli import main
 
 COMMANDS = ["demo", "sample", "quantize", "eval", "report", "recipes", "zoo", "zoo train", "zoo list", "sensitivity",
-            "analyze-trajectory"]
+            "analyze-trajectory", "tune-kernels"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)

@@ -394,5 +394,45 @@ def recipes():
         click.echo(f"{name:{width}s}  {describe(r)}")
 
 
+@main.command("tune-kernels")
+@click.option("--quick", is_flag=True, help="fewer shapes and token counts (about a minute)")
+@click.option("--reps", default=10, show_default=True, help="timed runs per case (median)")
+@click.option("--out", default=None, type=click.Path(path_type=Path),
+              help="thresholds file to write [default: the user's kernel cache, which dispatch reads]")
+@click.option("--show", is_flag=True, help="print the thresholds in effect and where they come from; measure nothing")
+def tune_kernels(quick, reps, out, show):
+    """Measure where the CPU lookup-table kernel beats fp32 dense on this machine, for AQ dispatch.
+
+    Which path is faster depends on the CPU (on an AMD EPYC the lookup won at many tokens where an Intel
+    Xeon's MKL did not), so AQ layers use thresholds measured on this microarchitecture when there are
+    any: this command's, then the ones shipped for this CPU, then the strictest shipped ones.
+
+    \b
+    Example:
+      diffquant tune-kernels --quick
+      diffquant tune-kernels --show
+    """
+    from diffquant.kernels import cpu, dispatch, tune
+    from diffquant.provenance import cpu_key, cpu_model, git_commit
+
+    if not show:
+        if not cpu.available():
+            raise ValueError("the CPU lookup-table kernel could not be built here (install g++ and ninja); "
+                             "AQ layers use the reference path, so there is nothing to tune")
+        click.echo(f"measuring the lookup kernel against fp32 dense on {cpu_model()} ({cpu_key()})", err=True)
+        t0 = time.time()
+        rows = tune.measure(quick=quick, reps=reps, log=lambda m: click.echo(m, err=True))
+        path = out or tune.user_thresholds_path()
+        tune.store_entry(path, {"source": "diffquant tune-kernels" + (" --quick" if quick else ""),
+                                "commit": git_commit(), "machine": cpu_model(), "wall_s": round(time.time() - t0, 1),
+                                **tune.break_even(rows), "rows": rows})
+        click.echo(f"wrote {path}")
+        dispatch._cache.pop("t", None)
+    click.echo(f"thresholds in effect: {dispatch.threshold_source()}")
+    for n, (bound, elems) in sorted(dispatch.thresholds().items()):
+        rule = "dense always" if bound >= 1e9 else f"lookup when FLOP bound >= {bound:g} and in*out >= {elems:,}"
+        click.echo(f"  {n:5d} tokens: {rule}")
+
+
 if __name__ == "__main__":
     main()

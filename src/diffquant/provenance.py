@@ -34,11 +34,40 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _cpuinfo_fields() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ({} where there is none)."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break
+            k, _, v = line.partition(":")
+            fields[k.strip()] = v.strip()
+    except OSError:
+        pass
+    return fields
+
+
+def cpu_key() -> str:
+    """The CPU's microarchitecture as `vendor-family-model` (e.g. AuthenticAMD-25-17, a Zen 4): what the
+    kernel thresholds are measured per. A VM may hide the marketing name ("AMD EPYC") but not these."""
+    f = _cpuinfo_fields()
+    if "vendor_id" in f:
+        return f"{f['vendor_id']}-{f.get('cpu family', '?')}-{f.get('model', '?')}"
+    return f"{platform.machine()}-{platform.processor() or 'unknown'}"
+
+
+def cpu_flags() -> str:
+    """The instruction-set flags (sorted): a binary built with -march=native is only safe where they match."""
+    return " ".join(sorted(_cpuinfo_fields().get("flags", "").split()))
+
+
 def machine() -> dict:
     import torch
 
     return {
         "cpu": cpu_model(),
+        "cpu_key": cpu_key(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

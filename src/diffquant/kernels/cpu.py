@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from diffquant.provenance import cpu_flags
+
 _SOURCE = Path(__file__).with_name("aq_lut.cpp")
 _module = None
 
@@ -40,6 +42,14 @@ def _flags() -> list[str]:
     return ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-DNDEBUG"]
 
 
+def build_key() -> str:
+    """What the cached build depends on: the source, the compiler flags, torch, and this CPU's instruction
+    sets, since -march=native ties the binary to them: a cache shared between machines (a home directory
+    on a cluster) must not hand an AVX-512 VBMI build to a CPU without it (SIGILL)."""
+    return hashlib.sha256(_SOURCE.read_bytes() + " ".join(_flags()).encode() + platform.machine().encode()
+                          + torch.__version__.encode() + cpu_flags().encode()).hexdigest()[:12]
+
+
 def load_extension(verbose: bool = False):
     """The compiled module (built on the first call on this machine, cached afterwards)."""
     global _module
@@ -47,9 +57,7 @@ def load_extension(verbose: bool = False):
         return _module
     from torch.utils.cpp_extension import load
 
-    src = _SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join(_flags()).encode() + platform.machine().encode()
-                         + torch.__version__.encode()).hexdigest()[:12]
+    key = build_key()
     d = build_dir() / f"aq_lut_{key}"
     d.mkdir(parents=True, exist_ok=True)
     try:

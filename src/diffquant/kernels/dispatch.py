@@ -10,8 +10,10 @@ against the best Triton path; on an H100 it was 0: cuBLAS won at every shape;
 `benchmarks/kernels_gpu.py --thresholds-from`). On the CPU it picks `lut` whenever the layer's FLOP
 bound (dense multiply-adds over lookup operations, `flop_bound`) and its weight size (in*out) both reach
 the break-even measured by
-`benchmarks/kernels.py` for the nearest token count (shipped in `thresholds.json`; the benchmark's
-`--write-thresholds` refreshes it): small layers lose to per-call costs whatever their bound. Force one
+`benchmarks/kernels.py` for the nearest token count, per CPU: which path wins depends on the
+microarchitecture (`thresholds()`; `diffquant tune-kernels` measures the user's own machine, the
+benchmark's `--write-thresholds` refreshes the shipped entry): small layers lose to per-call costs
+whatever their bound. Force one
 with the environment variable DIFFQUANT_AQ_KERNEL=reference|lut|triton or `with force("lut"):`; a
 forced path that cannot run (no compiler, no GPU) raises, an `auto` one falls back to `reference`.
 """
@@ -59,17 +61,57 @@ def flop_bound(out: int, in_flat: int, m: int, k: int, g: int) -> float:
     return (in_flat * out) / (in_flat * m * k + out * (in_flat // g) * m)
 
 
+def _entry_table(entry: dict) -> dict[int, tuple[float, int]]:
+    sizes = entry.get("min_weight_elems", {})
+    return {int(n): (float(b), int(sizes.get(n, 0))) for n, b in entry["min_flop_bound"].items()}
+
+
+def _conservative(entries: list[dict]) -> dict[int, tuple[float, int]]:
+    """For a CPU nobody measured: per token count, the strictest of the measured machines' thresholds
+    (the lookup is chosen only where it won on every one of them)."""
+    tables = [_entry_table(e) for e in entries]
+    counts = set.intersection(*(set(t) for t in tables))
+    return {n: (max(t[n][0] for t in tables), max(t[n][1] for t in tables)) for n in sorted(counts)}
+
+
+def _read_user(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text()).get("cpu", {})
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{path} is not a kernel-thresholds file ({e}); delete it, or measure this machine "
+                         "again with `diffquant tune-kernels`") from None
+
+
 def thresholds() -> dict[int, tuple[float, int]]:
     """token count -> (smallest FLOP bound, smallest weight size in*out) at which `lut` was measured
-    faster than fp32 dense on every configuration that had both."""
+    faster than fp32 dense on every configuration that had both, for this CPU (`provenance.cpu_key`):
+    the user's own measurement (`diffquant tune-kernels`) first, then the shipped one for this CPU, then
+    the strictest of the shipped machines'. `threshold_source()` says which was used."""
     if "t" not in _cache:
-        t = {n: (1.5, 1 << 18) for n in (1, 16, 256, 4096)}
-        if _THRESHOLDS.exists():
-            meta = json.loads(_THRESHOLDS.read_text())
-            sizes = meta.get("min_weight_elems", {})
-            t = {int(n): (float(b), int(sizes.get(n, 0))) for n, b in meta["min_flop_bound"].items()}
-        _cache["t"] = t
+        from diffquant.kernels.tune import user_thresholds_path
+        from diffquant.provenance import cpu_key
+
+        key = cpu_key()
+        t, src = {n: (1.5, 1 << 18) for n in (1, 16, 256, 4096)}, "built-in default"
+        shipped = json.loads(_THRESHOLDS.read_text()).get("cpu", {}) if _THRESHOLDS.exists() else {}
+        user_path = user_thresholds_path()
+        user = _read_user(user_path)
+        if key in user:
+            t, src = _entry_table(user[key]), f"measured on this machine ({user_path})"
+        elif key in shipped:
+            t, src = _entry_table(shipped[key]), f"shipped, measured on this CPU ({key}: {shipped[key].get('machine')})"
+        elif shipped:
+            t = _conservative(list(shipped.values()))
+            src = f"shipped, strictest of {', '.join(shipped)} ({key} unmeasured)"
+        _cache["t"], _cache["t_src"] = t, src
     return _cache["t"]
+
+
+def threshold_source() -> str:
+    thresholds()
+    return _cache["t_src"]
 
 
 def gpu_max_tokens() -> int:

@@ -1,0 +1,87 @@
+"""Per-CPU dispatch thresholds: measured here, stored per microarchitecture, read in the right order."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from test_kernels import needs_lut  # tests/kernels is on sys.path (no __init__.py)
+
+from diffquant.cli import main
+from diffquant.kernels import cpu, dispatch, tune
+from diffquant.provenance import cpu_key
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """A private kernel cache (no user thresholds unless a test writes them) and a fresh dispatch cache."""
+    monkeypatch.setenv("DIFFQUANT_KERNEL_CACHE", str(tmp_path / "kcache"))
+    monkeypatch.setattr(dispatch, "_cache", {k: v for k, v in dispatch._cache.items() if k == "lut"})
+    return tmp_path
+
+
+def _entry(bound_16, size_16=0):
+    return {"min_flop_bound": {"1": 1.0, "16": bound_16}, "min_weight_elems": {"1": 0, "16": size_16}}
+
+
+def _rows(speedups):
+    """Synthetic lookup rows at 16 tokens: (flop bound, in, out, speed-up over dense)."""
+    return [{"tokens": 16, "impl": "diffquant_lut", "flop_bound": b, "in": i, "out": o, "speedup_vs_fp32": s}
+            for b, i, o, s in speedups]
+
+
+def test_break_even_keeps_the_lookup_where_every_covered_shape_won():
+    th = tune.break_even(_rows([(5.0, 1000, 1000, 2.0), (3.0, 1000, 1000, 1.3), (2.0, 1000, 1000, 0.8),
+                                (8.0, 10, 10, 0.5)]))  # a tiny layer loses whatever its bound
+    bound, size = th["min_flop_bound"]["16"], th["min_weight_elems"]["16"]
+    assert bound == 3.0 and 100 < size <= 1000 * 1000
+    assert tune.break_even(_rows([(5.0, 1000, 1000, 0.9)]))["min_flop_bound"]["16"] >= 1e9  # never won: never
+
+
+def test_user_measurement_wins_then_this_cpus_shipped_then_the_strictest(isolated, monkeypatch):
+    shipped = isolated / "shipped.json"
+    monkeypatch.setattr(dispatch, "_THRESHOLDS", shipped)
+    tune.store_entry(shipped, _entry(2.0, 100), key="Other-1-1")
+    tune.store_entry(shipped, _entry(4.0, 10), key="Other-2-2")
+    assert dispatch.thresholds()[16] == (4.0, 100)  # this CPU unmeasured: the strictest of both
+    assert "strictest" in dispatch.threshold_source()
+
+    tune.store_entry(shipped, _entry(3.0), key=cpu_key())
+    dispatch._cache.pop("t")
+    assert dispatch.thresholds()[16] == (3.0, 0) and "this CPU" in dispatch.threshold_source()
+
+    tune.store_entry(tune.user_thresholds_path(), _entry(1.5))
+    dispatch._cache.pop("t")
+    assert dispatch.thresholds()[16] == (1.5, 0) and "measured on this machine" in dispatch.threshold_source()
+    assert set(json.loads(shipped.read_text())["cpu"]) == {"Other-1-1", "Other-2-2", cpu_key()}  # others kept
+
+
+def test_a_broken_user_file_names_itself_and_the_fix(isolated):
+    path = tune.user_thresholds_path()
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="tune-kernels"):
+        dispatch.thresholds()
+
+
+def test_the_shipped_file_has_per_cpu_entries():
+    data = json.loads(dispatch._THRESHOLDS.read_text())
+    assert data["cpu"] and all("min_flop_bound" in e and "machine" in e for e in data["cpu"].values())
+
+
+def test_the_build_depends_on_the_cpus_instruction_sets(monkeypatch):
+    key = cpu.build_key()
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: "sse2 avx2")
+    assert cpu.build_key() != key
+
+
+@needs_lut
+def test_measure_and_the_cli_write_thresholds_dispatch_then_reads(isolated, monkeypatch):
+    rows = tune.measure(reps=1, log=lambda m: None, linears={"small": (64, 48)}, convs={}, tokens=(1, 16))
+    assert len(rows) == 4 and all(r["median_ms"] > 0 and r["fp32_ms"] > 0 for r in rows)
+    monkeypatch.setattr(tune, "measure", lambda **kw: rows)
+    res = CliRunner().invoke(main, ["tune-kernels", "--quick"])
+    assert res.exit_code == 0, res.output
+    assert "measured on this machine" in res.output
+    assert cpu_key() in json.loads(tune.user_thresholds_path().read_text())["cpu"]
+    assert dispatch.choose(torch.device("cpu"), 16, 64, 64, 1, 2, 16) in ("lut", "reference")
