@@ -133,7 +133,12 @@ def test_training_takes_the_dense_differentiable_path():
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
-def test_dispatch_rules():
+def test_dispatch_rules(tmp_path, monkeypatch):
+    from diffquant.kernels import tune
+
+    # the shipped thresholds, whatever this user measured with tune-kernels
+    monkeypatch.setattr(tune, "user_thresholds_path", lambda: tmp_path / "none.json")
+    monkeypatch.setattr(dispatch, "_cache", {k: v for k, v in dispatch._cache.items() if k == "lut"})
     assert dispatch.flop_bound(3456, 1152, 2, 256, 8) == pytest.approx(2.51, rel=1e-3)
     assert dispatch.choose(torch.device("cpu"), 16, 16, 64, 2, 256, 8) == "reference"  # bound 0.06: dense wins
     # a high bound is not enough: a tiny layer (bound 10.7, 4096 weights) loses to per-call costs

@@ -14,8 +14,9 @@ from diffquant.provenance import cpu_key
 
 @pytest.fixture
 def isolated(tmp_path, monkeypatch):
-    """A private kernel cache (no user thresholds unless a test writes them) and a fresh dispatch cache."""
-    monkeypatch.setenv("DIFFQUANT_KERNEL_CACHE", str(tmp_path / "kcache"))
+    """A private user-thresholds file (absent unless a test writes it) and a fresh dispatch cache; the built
+    kernel stays where it is (moving the cache would rebuild it)."""
+    monkeypatch.setattr(tune, "user_thresholds_path", lambda: tmp_path / "kcache" / "thresholds.json")
     monkeypatch.setattr(dispatch, "_cache", {k: v for k, v in dispatch._cache.items() if k == "lut"})
     return tmp_path
 
