@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from diffquant.io_utils import write_json
+from diffquant.kernels.dispatch import threshold_source
 from diffquant.provenance import provenance
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -165,6 +166,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="LDM-4 forwards per process (median)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every case, rotated (median and min)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--only", default="zoo,ldm4", help="which models: zoo, ldm4 or both (ldm4 needs no saved model)")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: one case in this process
     args = ap.parse_args()
     if args.case:
@@ -172,10 +174,13 @@ def main() -> None:
         r = case_zoo(args.unet, mode, args.n) if kind == "zoo" else case_ldm4(mode, args.reps)
         print("RESULT " + json.dumps(r))
         return
-    if not Path(args.unet).is_dir():
+    kinds = [k for k in args.only.split(",") if k]
+    if not kinds or set(kinds) - {"zoo", "ldm4"}:
+        sys.exit(f"error: --only {args.only!r}: give zoo, ldm4 or zoo,ldm4")
+    if "zoo" in kinds and not Path(args.unet).is_dir():
         sys.exit(f"error: {args.unet} is not a quantized model folder; make it with "
-                 f"`diffquant quantize mnist-unet --recipe aq-w2a8 --out {args.unet}`")
-    cases = [f"{k}:{m}" for k in ("zoo", "ldm4") for m in ("fp", "reference", "auto", "lut")]
+                 f"`diffquant quantize mnist-unet --recipe aq-w2a8 --out {args.unet}`, or run --only ldm4")
+    cases = [f"{k}:{m}" for k in kinds for m in ("fp", "reference", "auto", "lut")]
     runs: dict[str, list[dict]] = {c: [] for c in cases}
     for r in range(args.rounds):
         for case in cases[r % len(cases):] + cases[:r % len(cases)]:
@@ -184,7 +189,9 @@ def main() -> None:
     rows = [summarize(case, runs[case]) for case in cases]
     for row in rows:
         print(row, flush=True)
-    out = {"provenance": provenance(), "threads": torch.get_num_threads(), "unet": args.unet, "n": args.n,
+    out = {"provenance": provenance(), "threads": torch.get_num_threads(),
+           "thresholds": threshold_source(),
+           "unet": args.unet if "zoo" in kinds else None, "n": args.n,
            "rounds": args.rounds, "rows": rows}
     if args.json:
         write_json(args.json, out)

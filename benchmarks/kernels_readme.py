@@ -12,6 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- kernels:start -->", "<!-- kernels:end -->"
 CPU_RUNS = ("kernels-epyc.json", "kernels.json")  # AMD EPYC (Zen 4), Intel Xeon (Cascade Lake)
+E2E_RUNS = ("kernels-e2e-epyc.json", "kernels-e2e.json")
 
 
 def kernel_table(doc: dict) -> str:
@@ -107,12 +108,13 @@ def main() -> None:
                   f"{k['provenance']['commit']}, {k['provenance']['machine']['cpu']}, {k['threads']} threads; "
                   "median of 20 runs):", "", kernel_table(k), ""]
     parts = parts[:-1]
-    e2e = res / "kernels-e2e.json"
-    if e2e.exists():
-        e = json.loads(e2e.read_text())
-        parts += ["", f"End to end (`benchmarks/results/kernels-e2e.json`, commit {e['provenance']['commit']}, "
-                      f"{e['provenance']['machine']['cpu']}; zoo: "
-                      f"{e['n']} images x 20 DDIM steps; ldm4: one forward at batch 1; {e.get('rounds', 1)} rounds, "
+    for name in E2E_RUNS:
+        if not (res / name).exists():
+            continue
+        e = json.loads((res / name).read_text())
+        what = (f"zoo: {e['n']} images x 20 DDIM steps; " if e.get("unet") else "") + "ldm4: one forward at batch 1"
+        parts += ["", f"End to end (`benchmarks/results/{name}`, commit {e['provenance']['commit']}, "
+                      f"{e['provenance']['machine']['cpu']}; {what}; {e.get('rounds', 1)} rounds, "
                       "each case in a fresh process):", "", e2e_table(e)]
     gpu = res / "kernels-gpu.json"
     if gpu.exists():
