@@ -427,7 +427,7 @@ def tune_kernels(quick, reps, out, show):
                                 "commit": git_commit(), "machine": cpu_model(), "wall_s": round(time.time() - t0, 1),
                                 **tune.break_even(rows), "rows": rows})
         click.echo(f"wrote {path}")
-        dispatch._cache.pop("t", None)
+        dispatch.reload_thresholds()
     click.echo(f"thresholds in effect: {dispatch.threshold_source()}")
     for n, (bound, elems) in sorted(dispatch.thresholds().items()):
         rule = "dense always" if bound >= 1e9 else f"lookup when FLOP bound >= {bound:g} and in*out >= {elems:,}"

@@ -109,6 +109,12 @@ def thresholds() -> dict[int, tuple[float, int]]:
     return _cache["t"]
 
 
+def reload_thresholds() -> None:
+    """Read the thresholds files again on the next dispatch (after `tune-kernels` wrote one)."""
+    _cache.pop("t", None)
+    _cache.pop("t_src", None)
+
+
 def threshold_source() -> str:
     thresholds()
     return _cache["t_src"]
