@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,10 +31,8 @@ from torch.utils.cpp_extension import load
 from diffquant.formats.additive import dequantize_additive
 from diffquant.io_utils import write_json
 from diffquant.kernels import cpu
+from diffquant.kernels.tune import CONFIGS, LINEARS, random_aq, timeit_rounds
 from diffquant.provenance import provenance
-
-sys.path.insert(0, str(Path(__file__).parent))
-from kernels import CONFIGS, LINEARS, aq_weight, timeit_rounds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "src/diffquant/kernels/aq_lut.cpp"
@@ -134,7 +131,7 @@ def main() -> None:
     for name in args.layers.split(","):
         n_in, n_out = LINEARS[name]
         for cfg, (m, bits) in CONFIGS.items():
-            cb, codes, scale = aq_weight(n_out, n_in, m, bits, 8, gen)
+            cb, codes, scale = random_aq(n_out, n_in, m, bits, 8, gen)
             kcb, rowmajor, kscale = cpu.kernel_layout(codes, cb, scale, bits)
             colmajor = cpu.cpu_layout(codes, cb, scale, bits)[1]
             base_codes = colmajor if base_colmajor else rowmajor

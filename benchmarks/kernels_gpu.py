@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import CONFIGS, LINEARS, TOKENS, aq_weight  # noqa: E402
 
 from diffquant.io_utils import write_json  # noqa: E402
 from diffquant.kernels import triton_kernels  # noqa: E402
 from diffquant.kernels.dispatch import _THRESHOLDS  # noqa: E402
 from diffquant.kernels.reference import dequant_linear  # noqa: E402
+from diffquant.kernels.tune import CONFIGS, LINEARS, TOKENS, random_aq  # noqa: E402
 from diffquant.provenance import provenance  # noqa: E402
 
 GEMV_TOKENS = 64  # the direct path is timed up to here
@@ -125,7 +125,7 @@ def kernel_rows(reps: int, tokens: tuple[int, ...], linears: dict, only: tuple[s
     dev, gen, rows = torch.device("cuda"), torch.Generator().manual_seed(0), []
     for cfg, (m, bits) in CONFIGS.items():
         for name, (n_in, n_out) in linears.items():
-            cb, codes, scale = aq_weight(n_out, n_in, m, bits, 8, gen)
+            cb, codes, scale = random_aq(n_out, n_in, m, bits, 8, gen)
             cb, codes8, scale = cb.to(dev), codes.to(torch.uint8).to(dev), scale.to(dev)
             bias = torch.randn(n_out, generator=gen).to(dev) * 0.1
             w32 = dequant_linear(torch.eye(n_in, device=dev), cb, codes8, scale, None).t().contiguous()
