@@ -24,15 +24,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
 
 def _cpuinfo_fields() -> dict[str, str]:
     """The first processor's fields in /proc/cpuinfo ({} where there is none)."""
@@ -46,6 +37,10 @@ def _cpuinfo_fields() -> dict[str, str]:
     except OSError:
         pass
     return fields
+
+
+def cpu_model() -> str:
+    return _cpuinfo_fields().get("model name") or platform.processor() or "unknown"
 
 
 def cpu_key() -> str:

@@ -22,6 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from diffquant.kernels import cpu
+from diffquant.kernels.dispatch import flop_bound
+from diffquant.kernels.reference import dequant_linear
+
 # real models' shapes (random weights: speed does not depend on training); the zoo's own sizes give the
 # dispatch its minimum layer size
 LINEARS = {"dit-xl2.qkv": (1152, 3456), "dit-xl2.proj": (1152, 1152), "dit-xl2.fc1": (1152, 4608),
@@ -71,14 +75,10 @@ def _row(layer, kind, n_in, n_out, tokens, cfg, ms, bound) -> dict:
 
 
 def _linear_fns(x, w, bias, aq) -> dict[str, Callable[[], object]]:
-    from diffquant.kernels import cpu
-
     return {"fp32_dense": lambda: F.linear(x, w, bias), "diffquant_lut": lambda: cpu.aq_linear(x, *aq, bias)}
 
 
 def _conv_fns(x, w, bias, aq) -> dict[str, Callable[[], object]]:
-    from diffquant.kernels import cpu
-
     return {"fp32_dense": lambda: F.conv2d(x, w, bias, 1, 1),
             "diffquant_lut": lambda: cpu.aq_conv2d(x, *aq, bias, (3, 3), (1, 1), (1, 1), (1, 1))}
 
@@ -89,10 +89,6 @@ def measure(quick: bool = False, reps: int = 10, log: Callable[[str], None] = pr
     """The lookup kernel against fp32 dense on every shape of `linears` and `convs` (default LINEARS and
     CONVS; quick: the DiT's, SD's largest and the zoo's linears at 1/16/256/4096 tokens, one LDM-4 and one
     zoo convolution), 1x8 and 2x8: one row per case."""
-    from diffquant.kernels import cpu
-    from diffquant.kernels.dispatch import flop_bound
-    from diffquant.kernels.reference import dequant_linear
-
     gen = torch.Generator().manual_seed(0)
     if linears is None:
         linears = {k: v for k, v in LINEARS.items() if not quick or k.startswith(("dit", "sd15.1280", "zoo"))}
@@ -145,9 +141,7 @@ def break_even(rows: list[dict]) -> dict:
 
 def user_thresholds_path() -> Path:
     """Where `diffquant tune-kernels` writes this user's measured thresholds (beside the built kernels)."""
-    from diffquant.kernels.cpu import build_dir
-
-    return build_dir() / "thresholds.json"
+    return cpu.build_dir() / "thresholds.json"
 
 
 def store_entry(path: Path, entry: dict, key: str | None = None) -> None:
