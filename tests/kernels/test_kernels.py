@@ -49,14 +49,16 @@ def test_lut_linear_equals_reference(tokens, out, in_flat, m, bits, g):
 
 
 @needs_lut
-@pytest.mark.parametrize("tokens", [1, 17, 100])
-def test_lut_linear_split_across_threads_equals_reference(tokens):
-    # the suite runs on one intra-op thread (conftest); the kernel's split of rows and token tiles over
-    # several threads is checked here, with a thread count that divides nothing evenly
+@pytest.mark.parametrize("tokens", [1, 2, 5, 13, 17, 100])
+@pytest.mark.parametrize("in_flat", [72, 16])
+def test_lut_linear_split_across_threads_equals_reference(tokens, in_flat):
+    # the suite runs on one intra-op thread (conftest); the kernel's splits over several threads are
+    # checked here, with a thread count that divides nothing evenly: of the groups (fewer token tiles
+    # than threads, 9 groups), of the output rows (the same, but too few groups: 2) and of token tiles
     gen = torch.Generator().manual_seed(tokens)
-    cb, codes, scale = _random_aq(131, 72, 2, 8, 8, gen)
+    cb, codes, scale = _random_aq(131, in_flat, 2, 8, 8, gen)
     bias = torch.randn(131, generator=gen)
-    x = torch.randn(tokens, 72, generator=gen)
+    x = torch.randn(tokens, in_flat, generator=gen)
     kcb, kcodes, kscale = cpu.cpu_layout(codes, cb.half(), scale.half(), 8)
     before = torch.get_num_threads()
     torch.set_num_threads(3)

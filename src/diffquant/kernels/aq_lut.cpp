@@ -122,6 +122,42 @@ inline void build_any(const float* xtile, const float* cb, int64_t M, int64_t K,
   }
 }
 
+// acc[(o - o_begin)*TT + t] += sum over the block's columns jm < n of lut[(jm*K + codes_t[jm*O + o])*TT + t].
+// Forced inline: called out of line from the row-split lambda it ran at 0.88-0.95x of the same loop
+// written inline (DiT-XL/2 qkv and fc1, 8-16 tokens, AMD EPYC).
+template <int TT, typename code_t>
+__attribute__((always_inline)) inline void gather_block(const float* __restrict lut, int64_t n, int64_t K,
+                                                        const code_t* __restrict co, int64_t O, int64_t o_begin,
+                                                        int64_t o_end, float* __restrict acc) {
+  using vt = typename Tile<TT>::v;
+  for (int64_t o = o_begin; o < o_end; ++o) {
+    float* ao = acc + (o - o_begin) * TT;
+    const code_t* c = co + o;  // column jm of this block at c[jm * O]
+    vt a0 = load_tile<TT>(ao), a1 = {}, a2 = {}, a3 = {};  // four add chains, not one
+    int64_t jm = 0;
+    for (; jm + 4 <= n; jm += 4) {
+      a0 += load_tile<TT>(lut + (jm * K + static_cast<int64_t>(c[jm * O])) * TT);
+      a1 += load_tile<TT>(lut + ((jm + 1) * K + static_cast<int64_t>(c[(jm + 1) * O])) * TT);
+      a2 += load_tile<TT>(lut + ((jm + 2) * K + static_cast<int64_t>(c[(jm + 2) * O])) * TT);
+      a3 += load_tile<TT>(lut + ((jm + 3) * K + static_cast<int64_t>(c[(jm + 3) * O])) * TT);
+    }
+    for (; jm < n; ++jm) a0 += load_tile<TT>(lut + (jm * K + static_cast<int64_t>(c[jm * O])) * TT);
+    store_tile<TT>(ao, (a0 + a1) + (a2 + a3));
+  }
+}
+
+// the token tile's input rows of groups j0..j1, zero-padded to TT tokens, at xtile[(j*g + k)*TT]
+template <int TT>
+inline void load_xtile(const float* __restrict xt, int64_t T, int64_t t0, int64_t i0, int64_t i1,
+                       float* __restrict xtile) {
+  const int64_t tt = std::min<int64_t>(TT, T - t0);
+  for (int64_t i = i0; i < i1; ++i) {
+    const float* src = xt + i * T + t0;
+    float* dst = xtile + i * TT;
+    for (int t = 0; t < TT; ++t) dst[t] = t < tt ? src[t] : 0.f;
+  }
+}
+
 template <int TT, typename code_t>
 void many_tokens_impl(const float* __restrict xt, int64_t in_flat, int64_t T, const float* __restrict cb, int64_t M,
                       int64_t K, int64_t g, const code_t* __restrict codes_t, int64_t O, const float* __restrict scale,
@@ -129,9 +165,55 @@ void many_tokens_impl(const float* __restrict xt, int64_t in_flat, int64_t T, co
   const int64_t J = in_flat / g;
   const int64_t ntiles = (T + TT - 1) / TT;
   const int64_t JB = std::max<int64_t>(1, std::min<int64_t>(jb_groups, J));
-  // parallel over token tiles when there are enough, otherwise over output rows (each thread then
-  // builds the same small table: cheaper than a second parallel region for a few tiles)
   const int nth = at::get_num_threads();
+  // Fewer token tiles than threads: split the groups (the reduction dimension) between threads.
+  // Each thread builds the table of its own groups only and adds into its own partial sums for
+  // every output row; the partial sums are added at the end. Splitting the output rows instead has
+  // every thread build the whole table, so more threads shorten only the gather-sum: that costs
+  // in*K*M per token per thread against the gather's O*(in/g)*M / nth, a share of K*g*nth / O. On the
+  // AMD EPYC (2 threads; benchmarks/kernels_ab.py, benchmarks/results/kernels-ab-splitk.json) the split
+  // ran 1.1-1.5x faster where that share is at least 2 (DiT-XL/2 proj and fc2, SD-1.5's 1280: out <= in)
+  // and at 1-4 tokens everywhere; at 8-16 tokens where out is 3-4x in (qkv, fc1), whose all-rows
+  // partial sums are 3-4x larger, it was no faster than the row split (0.96-1.13x against 1.00-1.19x).
+  const bool split_groups = ntiles < nth && nth > 1 && J >= 2 * nth && (TT <= 4 || K * g * nth >= 2 * O);
+  if (split_groups) {
+    const int64_t parts = nth;
+    AlignedBuf part_buf(parts * ntiles * O * TT);
+    float* __restrict part = part_buf.p;
+    at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
+      AlignedBuf lut_buf(JB * M * K * TT), xtile_buf(in_flat * TT);
+      for (int64_t p = pb; p < pe; ++p) {
+        const int64_t jlo = J * p / parts, jhi = J * (p + 1) / parts;
+        for (int64_t tile = 0; tile < ntiles; ++tile) {
+          float* acc = part + (p * ntiles + tile) * O * TT;
+          std::fill(acc, acc + O * TT, 0.f);
+          load_xtile<TT>(xt, T, tile * TT, jlo * g, jhi * g, xtile_buf.p);
+          for (int64_t j0 = jlo; j0 < jhi; j0 += JB) {
+            const int64_t j1 = std::min(jhi, j0 + JB);
+            build_any<TT>(xtile_buf.p, cb, M, K, g, j0, j1, lut_buf.p);
+            gather_block<TT, code_t>(lut_buf.p, (j1 - j0) * M, K, codes_t + j0 * M * O, O, 0, O, acc);
+          }
+        }
+      }
+    });
+    at::parallel_for(0, O, 64, [&](int64_t ob, int64_t oe) {
+      for (int64_t tile = 0; tile < ntiles; ++tile) {
+        const int64_t t0 = tile * TT, tt = std::min<int64_t>(TT, T - t0);
+        for (int64_t o = ob; o < oe; ++o) {
+          const float s = scale[o], b = bias ? bias[o] : 0.f;
+          float* yo = yt + o * T + t0;
+          for (int64_t t = 0; t < tt; ++t) {
+            float sum = 0.f;
+            for (int64_t p = 0; p < parts; ++p) sum += part[((p * ntiles + tile) * O + o) * TT + t];
+            yo[t] = sum * s + b;
+          }
+        }
+      }
+    });
+    return;
+  }
+  // parallel over token tiles when there are enough, otherwise over output rows (each thread then
+  // builds the same small table)
   const bool by_tiles = ntiles >= nth;
   auto work = [&](int64_t tile_begin, int64_t tile_end, int64_t o_begin, int64_t o_end) {
     // 64-byte aligned so that a 16-float table row is one cache line, not two
@@ -141,31 +223,12 @@ void many_tokens_impl(const float* __restrict xt, int64_t in_flat, int64_t T, co
     float* __restrict acc = acc_buf.p;
     for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
       const int64_t t0 = tile * TT, tt = std::min<int64_t>(TT, T - t0);
-      for (int64_t i = 0; i < in_flat; ++i) {
-        const float* src = xt + i * T + t0;
-        float* dst = xtile + i * TT;
-        for (int t = 0; t < TT; ++t) dst[t] = t < tt ? src[t] : 0.f;
-      }
+      load_xtile<TT>(xt, T, t0, 0, in_flat, xtile);
       std::fill(acc, acc + (o_end - o_begin) * TT, 0.f);
       for (int64_t j0 = 0; j0 < J; j0 += JB) {
         const int64_t j1 = std::min(J, j0 + JB);
         build_any<TT>(xtile, cb, M, K, g, j0, j1, lut);
-        for (int64_t o = o_begin; o < o_end; ++o) {
-          using vt = typename Tile<TT>::v;
-          float* ao = acc + (o - o_begin) * TT;
-          const code_t* co = codes_t + j0 * M * O + o;  // column jm of this block at co[jm * O]
-          const int64_t n = (j1 - j0) * M;
-          vt a0 = load_tile<TT>(ao), a1 = {}, a2 = {}, a3 = {};  // four add chains, not one
-          int64_t jm = 0;
-          for (; jm + 4 <= n; jm += 4) {
-            a0 += load_tile<TT>(lut + (jm * K + static_cast<int64_t>(co[jm * O])) * TT);
-            a1 += load_tile<TT>(lut + ((jm + 1) * K + static_cast<int64_t>(co[(jm + 1) * O])) * TT);
-            a2 += load_tile<TT>(lut + ((jm + 2) * K + static_cast<int64_t>(co[(jm + 2) * O])) * TT);
-            a3 += load_tile<TT>(lut + ((jm + 3) * K + static_cast<int64_t>(co[(jm + 3) * O])) * TT);
-          }
-          for (; jm < n; ++jm) a0 += load_tile<TT>(lut + (jm * K + static_cast<int64_t>(co[jm * O])) * TT);
-          store_tile<TT>(ao, (a0 + a1) + (a2 + a3));
-        }
+        gather_block<TT, code_t>(lut, (j1 - j0) * M, K, codes_t + j0 * M * O, O, o_begin, o_end, acc);
       }
       for (int64_t o = o_begin; o < o_end; ++o) {
         const float s = scale[o], b = bias ? bias[o] : 0.f;
