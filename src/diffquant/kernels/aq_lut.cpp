@@ -196,17 +196,21 @@ void many_tokens_impl(const float* __restrict xt, int64_t in_flat, int64_t T, co
         }
       }
     });
+    // the parts' sums, scaled and biased, a TT-wide vector per row (a scalar loop here took a fifth
+    // of the kernel's time at 16 tokens)
     at::parallel_for(0, O, 64, [&](int64_t ob, int64_t oe) {
+      using vt = typename Tile<TT>::v;
       for (int64_t tile = 0; tile < ntiles; ++tile) {
         const int64_t t0 = tile * TT, tt = std::min<int64_t>(TT, T - t0);
         for (int64_t o = ob; o < oe; ++o) {
-          const float s = scale[o], b = bias ? bias[o] : 0.f;
+          vt sum = load_tile<TT>(part + (tile * O + o) * TT);
+          for (int64_t p = 1; p < parts; ++p) sum += load_tile<TT>(part + ((p * ntiles + tile) * O + o) * TT);
+          sum = sum * scale[o] + (bias ? bias[o] : 0.f);
           float* yo = yt + o * T + t0;
-          for (int64_t t = 0; t < tt; ++t) {
-            float sum = 0.f;
-            for (int64_t p = 0; p < parts; ++p) sum += part[((p * ntiles + tile) * O + o) * TT + t];
-            yo[t] = sum * s + b;
-          }
+          if (tt == TT)
+            store_tile<TT>(yo, sum);
+          else
+            for (int64_t t = 0; t < tt; ++t) yo[t] = sum[t];
         }
       }
     });
