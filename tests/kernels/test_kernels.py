@@ -53,8 +53,8 @@ def test_lut_linear_equals_reference(tokens, out, in_flat, m, bits, g):
 @pytest.mark.parametrize("in_flat", [72, 16])
 def test_lut_linear_split_across_threads_equals_reference(tokens, in_flat):
     # the suite runs on one intra-op thread (conftest); the kernel's splits over several threads are
-    # checked here, with a thread count that divides nothing evenly: of the groups (fewer token tiles
-    # than threads, 9 groups), of the output rows (the same, but too few groups: 2) and of token tiles
+    # checked here, with a thread count that divides nothing evenly: of the groups (one token tile of
+    # up to 16, 9 groups), of the output rows (2 tiles, or too few groups: 2) and of token tiles (100)
     gen = torch.Generator().manual_seed(tokens)
     cb, codes, scale = _random_aq(131, in_flat, 2, 8, 8, gen)
     bias = torch.randn(131, generator=gen)

@@ -167,16 +167,19 @@ void many_tokens_impl(const float* __restrict xt, int64_t in_flat, int64_t T, co
   const int64_t ntiles = (T + TT - 1) / TT;
   const int64_t JB = std::max<int64_t>(1, std::min<int64_t>(jb_groups, J));
   const int nth = at::get_num_threads();
-  // Fewer token tiles than threads: split the groups (the reduction dimension) between threads.
+  // One token tile and several threads: split the groups (the reduction dimension) between threads.
   // Each thread builds the table of its own groups only and adds into its own partial sums for
   // every output row; the partial sums are added at the end. Splitting the output rows instead has
   // every thread build the whole table, so more threads shorten only the gather-sum: that costs
-  // in*K*M per token per thread against the gather's O*(in/g)*M / nth, a share of K*g*nth / O. On the
-  // AMD EPYC (2 threads; benchmarks/kernels_ab.py, benchmarks/results/kernels-ab-splitk.json) the split
-  // ran 1.1-1.5x faster where that share is at least 2 (DiT-XL/2 proj and fc2, SD-1.5's 1280: out <= in)
-  // and at 1-4 tokens everywhere; at 8-16 tokens where out is 3-4x in (qkv, fc1), whose all-rows
-  // partial sums are 3-4x larger, it was no faster than the row split (0.96-1.13x against 1.00-1.19x).
-  const bool split_groups = ntiles < nth && nth > 1 && J >= 2 * nth && (TT <= 4 || K * g * nth >= 2 * O);
+  // in*K*M per token per thread against the gather's O*(in/g)*M / nth, a share of K*g*nth / O. Against
+  // the row split on the AMD EPYC (2 threads; benchmarks/kernels_ab.py --base 73c305e,
+  // benchmarks/results/kernels-ab-splitk.json) it ran 1.06-1.47x at 2-16 tokens where that share is at
+  // least 2 (DiT-XL/2 proj and fc2, SD-1.5's 1280: out <= in), and 0.97-1.19x at 2-4 tokens on qkv and
+  // fc1 (out 3-4x in). At 8-16 tokens on those two, whose all-rows partial sums are 3-4x larger, it was
+  // no faster than the row split in a trial run (0.96-1.13x against 1.00-1.19x), so they keep the rows.
+  // One tile only (up to 16 tokens): the parts' sums take nth * ntiles * O * TT floats, which for
+  // several tiles on a many-core machine (16 threads, 13 tiles, 4608 rows) would be tens of MB.
+  const bool split_groups = ntiles == 1 && nth > 1 && J >= 2 * nth && (TT <= 4 || K * g * nth >= 2 * O);
   if (split_groups) {
     const int64_t parts = nth;
     AlignedBuf part_buf(parts * ntiles * O * TT);
