@@ -177,26 +177,24 @@ void many_tokens_impl(const float* __restrict xt, int64_t in_flat, int64_t T, co
   // least 2 (DiT-XL/2 proj and fc2, SD-1.5's 1280: out <= in), and 0.97-1.19x at 2-4 tokens on qkv and
   // fc1 (out 3-4x in). At 8-16 tokens on those two, whose all-rows partial sums are 3-4x larger, it was
   // no faster than the row split in a trial run (0.96-1.13x against 1.00-1.19x), so they keep the rows.
-  // One tile only (up to 16 tokens): the parts' sums take nth * ntiles * O * TT floats, which for
-  // several tiles on a many-core machine (16 threads, 13 tiles, 4608 rows) would be tens of MB.
+  // One tile only (up to 16 tokens): for several, the parts' sums would take nth * ntiles * O * TT
+  // floats, tens of MB on a many-core machine (16 threads, 13 tiles, 4608 rows).
   const bool split_groups = ntiles == 1 && nth > 1 && J >= 2 * nth && (TT <= 4 || K * g * nth >= 2 * O);
-  if (split_groups) {
+  if (split_groups) {  // T <= TT: the one tile holds every token
     const int64_t parts = nth;
-    AlignedBuf part_buf(parts * ntiles * O * TT);
+    AlignedBuf part_buf(parts * O * TT);
     float* __restrict part = part_buf.p;
     at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
       AlignedBuf lut_buf(JB * M * K * TT), xtile_buf(in_flat * TT);
       for (int64_t p = pb; p < pe; ++p) {
         const int64_t jlo = J * p / parts, jhi = J * (p + 1) / parts;
-        for (int64_t tile = 0; tile < ntiles; ++tile) {
-          float* acc = part + (p * ntiles + tile) * O * TT;
-          std::fill(acc, acc + O * TT, 0.f);
-          load_xtile<TT>(xt, T, tile * TT, jlo * g, jhi * g, xtile_buf.p);
-          for (int64_t j0 = jlo; j0 < jhi; j0 += JB) {
-            const int64_t j1 = std::min(jhi, j0 + JB);
-            build_any<TT>(xtile_buf.p, cb, M, K, g, j0, j1, lut_buf.p);
-            gather_block<TT, code_t>(lut_buf.p, (j1 - j0) * M, K, codes_t + j0 * M * O, O, 0, O, acc);
-          }
+        float* acc = part + p * O * TT;
+        std::fill(acc, acc + O * TT, 0.f);
+        load_xtile<TT>(xt, T, 0, jlo * g, jhi * g, xtile_buf.p);
+        for (int64_t j0 = jlo; j0 < jhi; j0 += JB) {
+          const int64_t j1 = std::min(jhi, j0 + JB);
+          build_any<TT>(xtile_buf.p, cb, M, K, g, j0, j1, lut_buf.p);
+          gather_block<TT, code_t>(lut_buf.p, (j1 - j0) * M, K, codes_t + j0 * M * O, O, 0, O, acc);
         }
       }
     });
@@ -204,18 +202,15 @@ void many_tokens_impl(const float* __restrict xt, int64_t in_flat, int64_t T, co
     // of the kernel's time at 16 tokens)
     at::parallel_for(0, O, 64, [&](int64_t ob, int64_t oe) {
       using vt = typename Tile<TT>::v;
-      for (int64_t tile = 0; tile < ntiles; ++tile) {
-        const int64_t t0 = tile * TT, tt = std::min<int64_t>(TT, T - t0);
-        for (int64_t o = ob; o < oe; ++o) {
-          vt sum = load_tile<TT>(part + (tile * O + o) * TT);
-          for (int64_t p = 1; p < parts; ++p) sum += load_tile<TT>(part + ((p * ntiles + tile) * O + o) * TT);
-          sum = sum * scale[o] + (bias ? bias[o] : 0.f);
-          float* yo = yt + o * T + t0;
-          if (tt == TT)
-            store_tile<TT>(yo, sum);
-          else
-            for (int64_t t = 0; t < tt; ++t) yo[t] = sum[t];
-        }
+      for (int64_t o = ob; o < oe; ++o) {
+        vt sum = load_tile<TT>(part + o * TT);
+        for (int64_t p = 1; p < parts; ++p) sum += load_tile<TT>(part + (p * O + o) * TT);
+        sum = sum * scale[o] + (bias ? bias[o] : 0.f);
+        float* yo = yt + o * T;
+        if (T == TT)
+          store_tile<TT>(yo, sum);
+        else
+          for (int64_t t = 0; t < T; ++t) yo[t] = sum[t];
       }
     });
     return;
