@@ -19,10 +19,11 @@
 // Parallel over token tiles when there are at least as many tiles as threads; otherwise over the input
 // groups (each thread builds its share of the table, see many_tokens_impl) or, where the table is cheap
 // next to the gather-sum, over output rows. Measured on this project's 2-core AVX-512 machines
-// (benchmarks/kernels.py); a per-token scalar-lookup variant for 1-4 tokens was slower than a 4-wide tile and was dropped. So was splitting
-// 9-16 tokens into two 8-wide tiles, one per thread, so that no two threads build the same table: on
-// the AMD EPYC it ran at 0.78-1.06x of the one 16-wide tile on DiT-XL/2 and SD-1.5 layers
-// (benchmarks/kernels_ab.py --tokens 12,16,32; benchmarks/results/kernels-ab-tt8-rejected.json).
+// (benchmarks/kernels.py); a per-token scalar-lookup variant for 1-4 tokens was slower than a 4-wide
+// tile and was dropped. So was splitting 9-16 tokens into two 8-wide tiles, one per thread, so that no
+// two threads build the same table: on the AMD EPYC it ran at 0.78-1.06x of the one 16-wide tile on
+// DiT-XL/2 and SD-1.5 layers (benchmarks/kernels_ab.py --tokens 12,16,32;
+// benchmarks/results/kernels-ab-tt8-rejected.json).
 //
 // One token (a batch-1 linear) has its own path: the whole table (J*M*K floats) is built once, then
 // for each (group, codebook) column the 16 output rows of a vector look up their K-entry table row.
