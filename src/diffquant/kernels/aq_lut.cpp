@@ -126,7 +126,7 @@ inline void build_any(const float* xtile, const float* cb, int64_t M, int64_t K,
 
 // acc[(o - o_begin)*TT + t] += sum over the block's columns jm < n of lut[(jm*K + codes_t[jm*O + o])*TT + t].
 // Forced inline: called out of line from the row-split lambda it ran at 0.88-0.95x of the same loop
-// written inline (DiT-XL/2 qkv and fc1, 8-16 tokens, AMD EPYC).
+// written inline (DiT-XL/2 qkv and fc1, 8-16 tokens, AMD EPYC; trial kernels_ab.py runs, not kept).
 template <int TT, typename code_t>
 __attribute__((always_inline)) inline void gather_block(const float* __restrict lut, int64_t n, int64_t K,
                                                         const code_t* __restrict co, int64_t O, int64_t o_begin,
@@ -199,8 +199,8 @@ void many_tokens_impl(const float* __restrict xt, int64_t in_flat, int64_t T, co
         }
       }
     });
-    // the parts' sums, scaled and biased, a TT-wide vector per row (a scalar loop here took a fifth
-    // of the kernel's time at 16 tokens)
+    // the parts' sums, scaled and biased, a TT-wide vector per row (in perf, a scalar loop here took
+    // about a fifth of the kernel's time at 16 tokens)
     at::parallel_for(0, O, 64, [&](int64_t ob, int64_t oe) {
       using vt = typename Tile<TT>::v;
       for (int64_t o = ob; o < oe; ++o) {
