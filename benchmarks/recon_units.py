@@ -4,7 +4,8 @@ the unit learned, for every reconstruction row of the quality files.
 Why: a refinement (`*-accuquant-refine*`) starts each unit from the per-step solution, so a unit whose
 probe loss rose would be a reason for a guard that keeps the per-step state. This reads the
 reconstruction log that `benchmarks/quality.py` stores with every row (`recon.units`: `loss_rtn`, the
-unit's loss when it starts learning, and `loss_after`) and says whether any unit got worse.
+unit's loss when it starts learning, and `loss_after`) and says whether any unit got worse, and
+whether the guard (`ReconConfig.keep_start`, the `*-keep` recipes) gave such a unit its start back.
 
     python benchmarks/recon_units.py --out benchmarks/results/recon-units.json [FILES...]
 """
@@ -30,16 +31,19 @@ def unit_rows(path: Path) -> list[dict]:
         rec = r.get("recon")
         if not rec or "units" not in rec:
             continue
-        units = {u: {"start": v["loss_rtn"], "after": v["loss_after"], "ratio": v["loss_after"] / v["loss_rtn"]}
+        units = {u: {"start": v["loss_rtn"], "after": v["loss_after"], "ratio": v["loss_after"] / v["loss_rtn"],
+                     "kept_start": bool(v.get("kept_start", False))}  # (rows before keep_start: never)
                  for u, v in rec["units"].items()}
         ratios = [v["ratio"] for v in units.values()]
         cfg = rec.get("config", {})
         multi = cfg.get("objective") == "accuquant"
         out.append({"file": path.name, "model": r["model"], "method": r["method"], "fid_to_fp": r.get("fid_to_fp"),
-                    "objective": cfg.get("objective"), "group_steps": cfg.get("group_steps") if multi else None,
+                    "objective": cfg.get("objective"), "keep_start": bool(cfg.get("keep_start", False)),
+                    "group_steps": cfg.get("group_steps") if multi else None,
                     "from_perstep": bool(multi and cfg.get("from_perstep")),
                     "calib_seconds": rec.get("seconds"), "units": units,
-                    "ratio_min": min(ratios), "ratio_max": max(ratios), "units_worse": sum(x > 1 for x in ratios)})
+                    "ratio_min": min(ratios), "ratio_max": max(ratios), "units_worse": sum(x > 1 for x in ratios),
+                    "units_kept_start": sum(v["kept_start"] for v in units.values())})
     return out
 
 
@@ -66,13 +70,14 @@ def main() -> int:
         part = [r for r in rows if keep(r)]
         summary |= {f"{kind}_rows": len(part), f"{kind}_units": sum(len(r["units"]) for r in part),
                     f"{kind}_units_worse": sum(r["units_worse"] for r in part),
+                    f"{kind}_units_kept_start": sum(r["units_kept_start"] for r in part),
                     f"{kind}_ratio_max": max((r["ratio_max"] for r in part), default=None)}
     print(json.dumps(summary))
     for r in rows:
         for u, v in r["units"].items():
             if v["ratio"] > 1:
-                print(f"  worse: {r['model']} {r['method']} {u}: "
-                      f"{v['start']:.4g} -> {v['after']:.4g} ({v['ratio']:.2f}x)")
+                print(f"  worse: {r['model']} {r['method']} {u}: {v['start']:.4g} -> {v['after']:.4g} "
+                      f"({v['ratio']:.2f}x){', start kept' if v['kept_start'] else ''}")
     write_json(args.out, {"benchmark": "recon-units", "summary": summary, "rows": rows, **provenance()})
     print(f"wrote {args.out}")
     return 0

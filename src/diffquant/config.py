@@ -166,12 +166,13 @@ RECON_SETTINGS = ((4, 8), (3, 8), (3, 6))
 
 
 def _recon(name: str, wbits: int, abits: int, objective: str, m: int = 4, balance: bool = False,
-           refine: bool = False) -> QuantConfig:
+           refine: bool = False, keep: bool = False) -> QuantConfig:
     """Q-Diffusion's baseline (`perstep`) or AccuQuant (`accuquant`, groups of M DDIM steps, O(1)
     memory): the same RTN grid (per-channel Lp-clipped) and 8-bit first / last layer, split skip
     activations, then reconstruction of AdaRound roundings and LSQ activation ranges, unit by unit;
     the two differ only in the objective."""
-    recon = ReconConfig(objective=objective, group_steps=m, balance_starts=balance, from_perstep=refine)
+    recon = ReconConfig(objective=objective, group_steps=m, balance_starts=balance, from_perstep=refine,
+                        keep_start=keep)
     return QuantConfig(name=name, weight=WeightConfig("uniform", wbits, clip="lp"), act=ActSpec(abits, "static"),
                        layers=dict(IO_8BIT), recon=recon, split_skips=True)
 
@@ -232,6 +233,9 @@ RECIPES: dict[str, QuantConfig] = {
         *[_recon(f"w{w}a{a}-{obj}", w, a, obj) for w, a in RECON_SETTINGS for obj in ("perstep", "accuquant")],
         *[_recon(f"w{w}a{a}-accuquant-m{m}", w, a, "accuquant", m) for w, a in RECON_SETTINGS for m in (2, 8)],
         *[_recon(f"w{w}a{a}-accuquant-bal", w, a, "accuquant", balance=True) for w, a in RECON_SETTINGS],
+        # ... with a unit that learned itself worse than its start given its start back (keep_start)
+        *[_recon(f"w{w}a{a}-accuquant{'' if m == 4 else f'-m{m}'}-keep", w, a, "accuquant", m, keep=True)
+          for w, a in RECON_SETTINGS for m in (2, 4, 8)],
         # AccuQuant as a refinement of the per-step solution (the per-step run, then the multi-step objective)
         *[_recon(f"w{w}a{a}-accuquant-refine", w, a, "accuquant", refine=True) for w, a in RECON_SETTINGS],
         # ... with a longer (M = 8) or shorter (M = 2) simulated horizon
@@ -258,7 +262,8 @@ def describe(r: QuantConfig) -> str:
         learned = "codebooks + scales + LSQ" if w.method == "aq" else "AdaRound + LSQ"
         how += (f", per-step block reconstruction ({learned})" if r.recon.objective == "perstep" else
                 f", AccuQuant reconstruction over {r.recon.group_steps} DDIM steps ({r.recon.grad} gradient)"
-                + (", from the per-step solution" if r.recon.from_perstep else ""))
+                + (", from the per-step solution" if r.recon.from_perstep else "")
+                + (", a unit that ends worse than its start reverted" if r.recon.keep_start else ""))
     act = f"A{r.act.bits} {r.act.mode}" if r.act else "A16 (fp activations)"
     if r.split_skips and r.act:
         act += ", split skip concatenations"

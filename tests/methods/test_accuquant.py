@@ -222,3 +222,38 @@ def test_reconstruction_on_aq_weights_learns_codebooks_and_keeps_codes(tiny_unet
         assert torch.equal(m.qweight.codes, before[n][0])  # codes fixed: only the continuous parameters learn
         assert m.qweight.codebooks.dtype == torch.float16  # still the stored format
     assert any(not torch.equal(m.qweight.codebooks, before[n][1]) for n, m in aq.items())
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_keep_start_gives_a_unit_that_got_worse_its_start_back(tiny_unet, scheduler, monkeypatch, keep):
+    """A unit whose learning ends above its starting probe loss (forced here: every uniform code is
+    zeroed after the hard rounding) gets its start back with keep_start, and keeps the damage without."""
+    import diffquant.methods.accuquant as aq
+    from diffquant.formats.uniform import UniformWeight
+
+    class Spoiled(Trainable):
+        def finish(self) -> None:
+            super().finish()
+            for w in self.weights:
+                qw = w.mod.qweight
+                if isinstance(qw, UniformWeight):
+                    w.mod.set_qweight(UniformWeight(torch.zeros_like(qw.codes), qw.scale, qw.zero, qw.shape, qw.spec))
+
+    monkeypatch.setattr(aq, "Trainable", Spoiled)
+    q = _rtn(tiny_unet, scheduler)
+    layers = dq.quantize.quantized_layers(q)
+    codes0 = {n: m.qweight.codes.clone() for n, m in layers.items()}
+    ranges0 = {n: (m.act.lo.clone(), m.act.hi.clone()) for n, m in layers.items() if m.act is not None}
+    cfg = ReconConfig(objective="accuquant", group_steps=2, keep_start=keep, **{**TINY, "iters": 4})
+    log = reconstruct(q, tiny_unet, scheduler, cfg, progress=False)
+    units = list(log["units"].values())
+    assert units[0]["loss_after"] > units[0]["loss_rtn"]  # (without keep, later units start spoiled already)
+    assert all(u["kept_start"] is (keep and u["loss_after"] > u["loss_rtn"]) for u in units)
+    same = [torch.equal(m.qweight.codes, codes0[n]) for n, m in layers.items()]
+    assert all(same) if keep else not any(same)
+    if keep:
+        assert all(u["kept_start"] for u in units)  # every unit started clean, so every unit got worse
+        for n, (lo, hi) in ranges0.items():
+            torch.testing.assert_close(layers[n].act.lo, lo)
+            torch.testing.assert_close(layers[n].act.hi, hi)
+            torch.testing.assert_close(layers[n].weight, layers[n].qweight.dequantize())

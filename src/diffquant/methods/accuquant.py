@@ -83,6 +83,10 @@ class ReconConfig:
     # accuquant: first calibrate per step (the baseline's own run, same settings), then refine that
     # solution with the multi-step objective: roundings start at the per-step ones, ranges at its ranges
     from_perstep: bool = False
+    # give a unit back its starting state (roundings, codebooks, ranges) when its probe loss after
+    # learning is above the loss it started from: from scratch, 7 of 129 units on the zoo models ended
+    # worse than round-to-nearest, the first U-Net block up to 2.1x (benchmarks/results/recon-units.json)
+    keep_start: bool = False
     guidance: float | None = None  # the model's own by default
     seed: int = RECON_SEED
 
@@ -309,6 +313,7 @@ def _state_file(resume_dir: str | Path | None, cfg: ReconConfig, name: str) -> P
     key = f"{cfg.objective}-M{cfg.group_steps}-{cfg.grad}" if cfg.objective == "accuquant" else "perstep"
     key += "-bal" if cfg.objective == "accuquant" and cfg.balance_starts else ""
     key += "-refine" if cfg.objective == "accuquant" and cfg.from_perstep else ""
+    key += "-keep" if cfg.keep_start else ""
     return Path(resume_dir) / f"recon-{name}-{key}.pt"
 
 
@@ -316,6 +321,23 @@ def _snapshot(student: nn.Module) -> dict:
     return {"qweights": {n: m.qweight for n, m in student.named_modules() if isinstance(m, QuantLayer)},
             "acts": {n: (m.act.lo.clone(), m.act.hi.clone()) for n, m in student.named_modules()
                      if isinstance(m, QuantLayer) and m.act is not None}}
+
+
+def _unit_state(layers: dict[str, QuantLayer]) -> dict:
+    """What a unit's reconstruction changes, kept so that `keep_start` can put it back: the quantized
+    weights (replaced, never edited in place, by `Trainable.finish`) and copies of the ranges."""
+    return {n: (m.qweight, None if m.act is None else (m.act.lo.clone(), m.act.hi.clone()))
+            for n, m in layers.items()}
+
+
+def _put_unit_state(layers: dict[str, QuantLayer], state: dict) -> None:
+    with torch.no_grad():
+        for n, m in layers.items():
+            qweight, rng = state[n]
+            m.set_qweight(qweight)
+            if rng is not None:
+                m.act.lo.copy_(rng[0])
+                m.act.hi.copy_(rng[1])
 
 
 def _restore(student: nn.Module, snap: dict) -> None:
@@ -436,6 +458,7 @@ def _calibrate_unit(student, teacher, scheduler, cfg: ReconConfig, unit: str, la
     loss0 = max(_probe_loss(student, scheduler, unit, cfg, traj, pool, guidance, null_class), 1e-12)
     per_start = _start_losses(student, scheduler, cfg, traj, guidance, null_class) \
         if cfg.objective == "accuquant" and cfg.balance_starts else None
+    start = _unit_state(layers) if cfg.keep_start else None
     tr = Trainable(layers, teacher, from_codes=cfg.objective == "accuquant" and cfg.from_perstep)
     groups = [{"params": tr.round_params, "lr": cfg.lr}, {"params": tr.aq_params, "lr": cfg.lr_codebooks}]
     if tr.act_params:
@@ -468,5 +491,9 @@ def _calibrate_unit(student, teacher, scheduler, cfg: ReconConfig, unit: str, la
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]) / loss0:.4g}", refresh=False)
     tr.finish()
     after = _probe_loss(student, scheduler, unit, cfg, traj, pool, guidance, null_class)
+    kept = start is not None and after > loss0
+    if kept:
+        _put_unit_state(layers, start)
     log["units"][unit] = {"loss_rtn": loss0, "loss_after": after, "loss_first": sum(losses[:10]) / len(losses[:10]),
-                          "loss_last": sum(losses[-10:]) / len(losses[-10:]), "layers": len(layers)}
+                          "loss_last": sum(losses[-10:]) / len(losses[-10:]), "layers": len(layers),
+                          "kept_start": kept}
