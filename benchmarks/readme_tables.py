@@ -52,7 +52,8 @@ def _calibration_name(suffix: str) -> str:
     parts = suffix.split("-")[2:]
     m = next((p[1:] for p in parts if p.startswith("m")), "4")
     return (f"AccuQuant M={m}" + (", balanced" if "bal" in parts else "")
-            + (" from the per-step solution" if "refine" in parts else ""))
+            + (" from the per-step solution" if "refine" in parts else "")
+            + (", worse units kept at their start" if "keep" in parts else ""))
 
 
 def accuquant_ratios(files: list[str], model: str, label: str) -> str:
@@ -68,8 +69,9 @@ def accuquant_ratios(files: list[str], model: str, label: str) -> str:
            "|---|---|---|---|---|---|---|"]
     for setting in ("w4a8", "w3a8", "w3a6"):
         base = rows.get(f"{setting}-perstep")
-        for suffix in ("", "-perstep", "-accuquant-m2", "-accuquant", "-accuquant-m8", "-accuquant-bal",
-                       "-accuquant-refine-m2", "-accuquant-refine", "-accuquant-refine-m8"):
+        for suffix in ("", "-perstep", "-accuquant-m2", "-accuquant-m2-keep", "-accuquant", "-accuquant-keep",
+                       "-accuquant-m8", "-accuquant-m8-keep", "-accuquant-bal", "-accuquant-refine-m2",
+                       "-accuquant-refine", "-accuquant-refine-m8"):
             r = rows.get(setting + suffix)
             if r is None:
                 continue
@@ -130,7 +132,8 @@ def main() -> int:
         section("A8 ranges per timestep and per token, U-Net, quick size", ["quality-quick-mnist-unet-ts.json"],
                 "mnist-unet"),
         accuquant_ratios(["quality-quick-mnist-unet-accuquant.json", "quality-quick-mnist-unet-accuquant-m2.json",
-                          "quality-quick-mnist-unet-accuquant-m8.json"], "mnist-unet", "U-Net"),
+                          "quality-quick-mnist-unet-accuquant-m8.json", "quality-quick-mnist-unet-accuquant-keep.json"],
+                         "mnist-unet", "U-Net"),
         accuquant_ratios(["quality-quick-mnist-dit-accuquant.json", "quality-quick-mnist-dit-accuquant-b.json",
                           "quality-quick-mnist-dit-accuquant-c.json", "quality-quick-mnist-dit-accuquant-m2.json",
                           "quality-quick-mnist-dit-accuquant-m8.json"], "mnist-dit", "DiT"),
