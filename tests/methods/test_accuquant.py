@@ -257,3 +257,21 @@ def test_keep_start_gives_a_unit_that_got_worse_its_start_back(tiny_unet, schedu
             torch.testing.assert_close(layers[n].act.lo, lo)
             torch.testing.assert_close(layers[n].act.hi, hi)
             torch.testing.assert_close(layers[n].weight, layers[n].qweight.dequantize())
+
+
+def test_a_unit_of_aq_layers_only_calibrates_past_warmup(tiny_unet, scheduler, monkeypatch):
+    """A unit with no roundings to learn (every layer AQ, as in the zoo U-Net's aq-w2a8) has no rounding
+    regulariser; the multi-step objective once tried to back-propagate its constant zero after warm-up."""
+    import diffquant.methods.accuquant as aq
+    from diffquant.methods.aquatic import AQSearch
+
+    calib = dq.collect(tiny_unet, scheduler, n=4, steps=4, batch_size=4, progress=False)
+    q = dq.quantize_(copy.deepcopy(tiny_unet), dq.AQConfig(target_bits=2.0, act_bits=8), calib=calib,
+                     search=AQSearch(adam_steps=5, max_rounds=1, kmeans_iters=3))
+    only_aq = {u: {n: m for n, m in ls.items() if m.qweight.format == "additive"} for u, ls in unit_layers(q).items()}
+    only_aq = {u: ls for u, ls in only_aq.items() if ls}
+    assert only_aq
+    monkeypatch.setattr(aq, "unit_layers", lambda model: only_aq)
+    cfg = ReconConfig(objective="accuquant", group_steps=2, warmup=0.0, **{**TINY, "iters": 3})
+    log = reconstruct(q, tiny_unet, scheduler, cfg, progress=False)
+    assert set(log["units"]) == set(only_aq)

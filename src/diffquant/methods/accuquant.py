@@ -472,7 +472,9 @@ def _calibrate_unit(student, teacher, scheduler, cfg: ReconConfig, unit: str, la
         beta = cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - frac)
         opt.zero_grad(set_to_none=True)
         tr.refresh()
-        extra = None if warm else cfg.reg * tr.reg(beta)
+        # the rounding regulariser, where there are roundings: a unit of AQ layers only has none, and its
+        # constant zero cannot be back-propagated
+        extra = None if warm or not tr.round_params else cfg.reg * tr.reg(beta)
         if cfg.objective == "perstep":
             idx = torch.randint(0, pool[2], (cfg.batch_size,), generator=gen)
             loss_t = _perstep_loss(student, unit, pool, idx)
