@@ -64,3 +64,18 @@ def test_cached_samples_are_sliced_from_a_larger_set_and_missing_ones_are_none(t
     assert (small.cached("m") == np.arange(8 * 4, dtype=np.uint8).reshape(8, 4)[:5]).all()
     assert bench.Protocol(9, seed=10, cache=tmp_path).cached("m") is None  # too few
     assert bench.Protocol(5, seed=20, cache=tmp_path).cached("m") is None  # another seed
+
+
+def test_an_older_row_keeps_the_commit_of_the_file_it_came_from(tmp_path, monkeypatch):
+    from diffquant import bench
+
+    monkeypatch.setattr(bench.Protocol, "run_one", lambda self, model, method, grids: {
+        "model": model, "method": method, "effective_bits": 4.0, "fid": 1.0, "class_accuracy": 0.9})
+    monkeypatch.setattr(bench, "provenance", lambda: {"commit": "new", "machine": {"cpu": "NewCPU"}})
+    out = tmp_path / "q.json"
+    out.write_text(json.dumps({**_doc(["fp"], n=10), "commit": "old", "machine": {"cpu": "OldCPU"}}))
+    bench.run_quality(["m"], ["fp", "w4a8"], 10, out, cache=tmp_path / "cache", progress=False)
+    doc = json.loads(out.read_text())
+    assert {r["method"]: (r["commit"], r["cpu"]) for r in doc["rows"]} == {"fp": ("old", "OldCPU"),
+                                                                           "w4a8": ("new", "NewCPU")}
+    assert doc["commit"] == "new" and doc["rows"][0]["commit_from"] == "the file"

@@ -164,6 +164,14 @@ def _locked(out: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _rows_with_provenance(old: dict) -> list[dict]:
+    """`old`'s rows, each stamped with the file's commit and CPU where it has none of its own (rows
+    written before rows carried them), so that the next writer's file-level commit does not claim them."""
+    cpu = (old.get("machine") or {}).get("cpu")
+    return [r if "commit" in r else {**r, "commit": old.get("commit"), "cpu": cpu, "commit_from": "the file"}
+            for r in old.get("rows", [])]
+
+
 def _merge_rows_written_meanwhile(doc: dict, out: Path) -> None:
     """Keeps rows another process wrote to `out` (same protocol) since this one read it, and the
     file's `superseded_rows` (rows of an older recipe kept for the record, not in the tables)."""
@@ -173,7 +181,7 @@ def _merge_rows_written_meanwhile(doc: dict, out: Path) -> None:
     if (old.get("n"), old.get("seed"), old.get("steps")) != (doc["n"], doc["seed"], doc["steps"]):
         return
     mine = {(r["model"], r["method"]) for r in doc["rows"]}
-    doc["rows"][:0] = [r for r in old.get("rows", []) if (r["model"], r["method"]) not in mine]
+    doc["rows"][:0] = [r for r in _rows_with_provenance(old) if (r["model"], r["method"]) not in mine]
     if old.get("superseded_rows"):
         doc["superseded_rows"] = old["superseded_rows"]
 
@@ -188,7 +196,7 @@ def run_quality(models: list[str], methods: list[str], n: int, out: Path, seed: 
     if resume and out.exists():
         old = json.loads(out.read_text())
         if old.get("n") == n and old.get("seed") == seed and old.get("steps") == steps:
-            doc["rows"] = old.get("rows", [])
+            doc["rows"] = _rows_with_provenance(old)
             doc["wall_time_s"] = old.get("wall_time_s", 0)  # accumulated over resumed segments
     done = {(r["model"], r["method"]) for r in doc["rows"]}
     proto = Protocol(n, seed, steps, cache, progress=progress)
