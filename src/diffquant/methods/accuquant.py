@@ -317,36 +317,20 @@ def _state_file(resume_dir: str | Path | None, cfg: ReconConfig, name: str) -> P
     return Path(resume_dir) / f"recon-{name}-{key}.pt"
 
 
-def _snapshot(student: nn.Module) -> dict:
-    return {"qweights": {n: m.qweight for n, m in student.named_modules() if isinstance(m, QuantLayer)},
-            "acts": {n: (m.act.lo.clone(), m.act.hi.clone()) for n, m in student.named_modules()
-                     if isinstance(m, QuantLayer) and m.act is not None}}
+def _snapshot(layers: dict[str, QuantLayer]) -> dict:
+    """What reconstruction changes in `layers`: the quantized weights (replaced, never edited in place,
+    by `Trainable.finish`) and copies of the activation ranges. Saved in the resume file (every layer)
+    and kept for `keep_start` (one unit's)."""
+    return {"qweights": {n: m.qweight for n, m in layers.items()},
+            "acts": {n: (m.act.lo.clone(), m.act.hi.clone()) for n, m in layers.items() if m.act is not None}}
 
 
-def _unit_state(layers: dict[str, QuantLayer]) -> dict:
-    """What a unit's reconstruction changes, kept so that `keep_start` can put it back: the quantized
-    weights (replaced, never edited in place, by `Trainable.finish`) and copies of the ranges."""
-    return {n: (m.qweight, None if m.act is None else (m.act.lo.clone(), m.act.hi.clone()))
-            for n, m in layers.items()}
-
-
-def _put_unit_state(layers: dict[str, QuantLayer], state: dict) -> None:
-    with torch.no_grad():
-        for n, m in layers.items():
-            qweight, rng = state[n]
-            m.set_qweight(qweight)
-            if rng is not None:
-                m.act.lo.copy_(rng[0])
-                m.act.hi.copy_(rng[1])
-
-
-def _restore(student: nn.Module, snap: dict) -> None:
-    for n, m in student.named_modules():
-        if isinstance(m, QuantLayer):
-            m.set_qweight(snap["qweights"][n])
-            if m.act is not None:
-                m.act.lo.copy_(snap["acts"][n][0])
-                m.act.hi.copy_(snap["acts"][n][1])
+def _restore(layers: dict[str, QuantLayer], snap: dict) -> None:
+    for n, m in layers.items():
+        m.set_qweight(snap["qweights"][n])
+        if m.act is not None:
+            m.act.lo.copy_(snap["acts"][n][0])
+            m.act.hi.copy_(snap["acts"][n][1])
 
 
 @contextlib.contextmanager
@@ -400,8 +384,11 @@ def reconstruct(student: nn.Module, teacher: nn.Module, scheduler, cfg: ReconCon
     """Calibrates `student` (quantized, activation ranges initialised) in place against `teacher` (its
     FP copy), unit by unit; returns a log (per unit: final loss, seconds). With `resume_dir`, the
     model's state after every finished unit is kept there and a later call resumes after it."""
+    from diffquant.quantize import quantized_layers  # (here: diffquant.quantize imports this module)
+
     t_start = time.time()
     units = unit_layers(student)
+    every_layer = quantized_layers(student)
     if not units:
         raise ValueError("reconstruct needs a quantized model (diffquant.quantize_ first)")
     first = None
@@ -420,7 +407,7 @@ def reconstruct(student: nn.Module, teacher: nn.Module, scheduler, cfg: ReconCon
         st = torch.load(state_file, weights_only=False)
         saved = {**asdict(ReconConfig()), **st["cfg"]}  # a field added since: its default is what ran
         if saved == asdict(cfg) and set(st["done"]) <= set(units):
-            _restore(student, st["snap"])
+            _restore(every_layer, st["snap"])
             done, log = st["done"], st["log"]
     for p in [*student.parameters(), *teacher.parameters()]:
         p.requires_grad_(False)
@@ -441,7 +428,7 @@ def reconstruct(student: nn.Module, teacher: nn.Module, scheduler, cfg: ReconCon
             if state_file is not None:
                 state_file.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_path(state_file) as tmp:
-                    torch.save({"cfg": asdict(cfg), "done": done, "log": log, "snap": _snapshot(student)}, tmp)
+                    torch.save({"cfg": asdict(cfg), "done": done, "log": log, "snap": _snapshot(every_layer)}, tmp)
     log["seconds"] = round(time.time() - t_start, 1)
     log["blocks"] = list(blocks(student))
     if first is not None:
@@ -458,7 +445,7 @@ def _calibrate_unit(student, teacher, scheduler, cfg: ReconConfig, unit: str, la
     loss0 = max(_probe_loss(student, scheduler, unit, cfg, traj, pool, guidance, null_class), 1e-12)
     per_start = _start_losses(student, scheduler, cfg, traj, guidance, null_class) \
         if cfg.objective == "accuquant" and cfg.balance_starts else None
-    start = _unit_state(layers) if cfg.keep_start else None
+    start = _snapshot(layers) if cfg.keep_start else None
     tr = Trainable(layers, teacher, from_codes=cfg.objective == "accuquant" and cfg.from_perstep)
     groups = [{"params": tr.round_params, "lr": cfg.lr}, {"params": tr.aq_params, "lr": cfg.lr_codebooks}]
     if tr.act_params:
@@ -495,7 +482,7 @@ def _calibrate_unit(student, teacher, scheduler, cfg: ReconConfig, unit: str, la
     after = _probe_loss(student, scheduler, unit, cfg, traj, pool, guidance, null_class)
     kept = start is not None and after > loss0
     if kept:
-        _put_unit_state(layers, start)
+        _restore(layers, start)
     log["units"][unit] = {"loss_rtn": loss0, "loss_after": after, "loss_first": sum(losses[:10]) / len(losses[:10]),
                           "loss_last": sum(losses[-10:]) / len(losses[-10:]), "layers": len(layers),
                           "kept_start": kept}
