@@ -84,8 +84,8 @@ class ReconConfig:
     # solution with the multi-step objective: roundings start at the per-step ones, ranges at its ranges
     from_perstep: bool = False
     # give a unit back its starting state (roundings, codebooks, ranges) when its probe loss after
-    # learning is above the loss it started from: from scratch, 7 of 129 units on the zoo models ended
-    # worse than round-to-nearest, the first U-Net block up to 2.1x (benchmarks/results/recon-units.json)
+    # learning is above the loss it started from: from scratch, a few units of the zoo U-Net ended worse
+    # than round-to-nearest, its first block up to 2.1x (counts: benchmarks/results/recon-units.json)
     keep_start: bool = False
     guidance: float | None = None  # the model's own by default
     seed: int = RECON_SEED
