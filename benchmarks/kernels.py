@@ -1,7 +1,8 @@
 """AQ kernels against dense and the peers, side by side in one process (../shared/BENCHMARK.md, Speed).
 
-Shapes of real models (random weights: speed does not depend on training): DiT-XL/2 linears, SD-1.5
-linears, LDM-4 ImageNet's 3x3 convolutions at their resolutions (tokens = pixels, batch 1). Configs:
+Shapes of real models (random weights: speed does not depend on training): DiT-XL/2 linears, LDM-4 ImageNet's
+attention linears and SD-1.5's, LDM-4's 3x3 convolutions at the resolutions its 64x64 latent runs them
+(tokens = batch x pixels: batch 1, then the batches that reach 256 / 1024 / 4096 tokens). Configs:
 1x8 and 2x8 codebooks (g = 8 for linears, KAQ g = 9 for 3x3 convolutions). Implementations:
 
     fp32_dense      torch F.linear / F.conv2d on the fp32 weight
@@ -41,7 +42,17 @@ from diffquant.io_utils import write_json
 from diffquant.kernels import cpu
 from diffquant.kernels.dispatch import _THRESHOLDS, flop_bound
 from diffquant.kernels.reference import dequant_conv2d, dequant_linear
-from diffquant.kernels.tune import CONFIGS, CONVS, LINEARS, TOKENS, break_even, random_aq, store_entry, timeit_rounds
+from diffquant.kernels.tune import (
+    CONFIGS,
+    CONVS,
+    LINEARS,
+    TOKENS,
+    break_even,
+    conv_batches,
+    random_aq,
+    store_entry,
+    timeit_rounds,
+)
 from diffquant.provenance import provenance
 
 
@@ -103,17 +114,17 @@ def linear_rows(name, n_in, n_out, tokens, cfg, reps, gen, peers):
     return _measure(name, "linear", n_in, n_out, tokens, cfg, impls, ref, reps, bound)
 
 
-def conv_rows(name, ch, hw, cfg, reps, gen):
+def conv_rows(name, ch, hw, batch, cfg, reps, gen):
     m, bits = CONFIGS[cfg]
     g = 9
     cb, codes, scale = random_aq(ch, ch * 9, m, bits, g, gen)
     bias = torch.zeros(ch)
     shape = (ch, ch, 3, 3)
     w = dequant_linear(torch.eye(ch * 9), cb, codes, scale, None).t().reshape(shape).contiguous()
-    x = torch.randn(1, ch, hw, hw, generator=gen)
+    x = torch.randn(batch, ch, hw, hw, generator=gen)
     kcb, kcodes, kscale = cpu.cpu_layout(codes, cb, scale, bits)
     ref = F.conv2d(x, w, bias, 1, 1)
-    tokens = hw * hw
+    tokens = batch * hw * hw
     dense_flops = 2 * tokens * ch * 9 * ch
     lut_flops = tokens * (2 * ch * 9 * m * (1 << bits) + ch * ch * m)
     aq_bytes = codes.numel() * bits // 8 + cb.numel() * 2 + ch * 2
@@ -122,7 +133,8 @@ def conv_rows(name, ch, hw, cfg, reps, gen):
                                dense_flops, aq_bytes),
              "diffquant_lut": (lambda: cpu.aq_conv2d(x, kcb, kcodes, kscale, bias, (3, 3), (1, 1), (1, 1), (1, 1)),
                                lut_flops, aq_bytes)}
-    return _measure(name, "conv3x3", ch * 9, ch, tokens, cfg, impls, ref, reps, flop_bound(ch, ch * 9, m, 1 << bits, g))
+    rows = _measure(name, "conv3x3", ch * 9, ch, tokens, cfg, impls, ref, reps, flop_bound(ch, ch * 9, m, 1 << bits, g))
+    return [r | {"batch": batch} for r in rows]
 
 
 def _measure(name, kind, n_in, n_out, tokens, cfg, impls, ref, reps, bound):
@@ -226,7 +238,8 @@ def main() -> None:
             for t in tokens:
                 rows += linear_rows(name, n_in, n_out, t, cfg, reps, gen, peers)
         for name, (ch, hw) in convs.items():
-            rows += conv_rows(name, ch, hw, cfg, reps, gen)
+            for batch in conv_batches(hw, tokens):
+                rows += conv_rows(name, ch, hw, batch, cfg, reps, gen)
     result = {"provenance": provenance(), "threads": args.threads, "wall_s": round(time.time() - t0, 1),
               "spec_check": {c: AdditiveSpec(m, b, 8).code_bits_per_weight for c, (m, b) in CONFIGS.items()},
               "rows": rows}

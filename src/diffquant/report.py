@@ -83,7 +83,7 @@ def _kernel_plot(rows: list[dict]) -> bytes:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
         ax.set_title(f"diffquant_lut, {cfg} codebooks")
-        ax.set_xlabel("tokens (pixels for convolutions)")
+        ax.set_xlabel("tokens (batch x pixels for convolutions)")
     axes[0].set_ylabel("speed-up over torch fp32 dense")
     axes[1].legend(fontsize=7)
     buf = io.BytesIO()

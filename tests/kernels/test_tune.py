@@ -89,3 +89,16 @@ def test_measure_and_the_cli_write_thresholds_dispatch_then_reads(isolated, monk
     assert "measured on this machine" in res.output
     assert cpu_key() in json.loads(tune.user_thresholds_path().read_text())["cpu"]
     assert dispatch.choose(torch.device("cpu"), 16, 64, 64, 1, 2, 16) == "lut"
+
+
+def test_convolutions_are_timed_at_batches_that_reach_the_linears_token_counts():
+    assert tune.conv_batches(8) == (1, 4, 16, 64)  # LDM-4's 8x8 level: 64, 256, 1024, 4096 tokens
+    assert tune.conv_batches(64) == (1,)  # 4096 pixels already
+    assert tune.conv_batches(10, (1, 16, 256)) == (1,)  # no batch of 100 pixels makes 256 tokens
+
+
+@needs_lut
+def test_measure_times_a_convolution_at_each_batch():
+    rows = tune.measure(reps=1, log=lambda m: None, linears={}, convs={"tiny": (8, 4)}, tokens=(1, 16, 64))
+    assert [(r["config"], r["batch"], r["tokens"]) for r in rows] == [
+        ("1x8", 1, 16), ("1x8", 4, 64), ("2x8", 1, 16), ("2x8", 4, 64)]

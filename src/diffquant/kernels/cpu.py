@@ -96,18 +96,23 @@ def aq_conv2d(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, sca
     """KAQ Conv2d (groups == 1): F.unfold lays each patch out channel-major, so group j of the unfolded
     column is one input channel's k x k slice, and the table row is that slice against every codeword
     kernel (the channel convolved with the codeword kernels, at this pixel). The token-contiguous
-    gather-sum then yields each image's (out, pixels) plane directly, with no transposes."""
+    gather-sum then yields each image's (out, pixels) plane directly, with no transposes.
+
+    One image is unfolded at a time: a whole batch's unfold is 9x the input (141 MB for LDM-4's 960-channel
+    8x8 level at batch 64) and goes through DRAM; one image's stays in cache (the two measured side by
+    side: benchmarks/conv_unfold_ab.py)."""
     if not x.is_cpu:
         raise ValueError(f"the lookup-table kernel runs on the CPU; got a tensor on {x.device}")
     ext = load_extension()
     n, _, h, w = x.shape
     kh, kw = kernel_size
-    cols = F.unfold(x.float(), (kh, kw), dilation=dilation, padding=padding, stride=stride)
+    x = x.float()
     ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     out = torch.empty(n, scale.numel(), ho * wo, dtype=torch.float32)
     for i in range(n):
-        out[i] = ext.aq_matmul_tokens(cols[i].contiguous(), codebooks, codes, scale, bias, jb)
+        cols = F.unfold(x[i : i + 1], (kh, kw), dilation=dilation, padding=padding, stride=stride)[0]
+        out[i] = ext.aq_matmul_tokens(cols, codebooks, codes, scale, bias, jb)
     return out.reshape(n, scale.numel(), ho, wo)
 
 

@@ -28,14 +28,27 @@ from diffquant.kernels.reference import dequant_linear
 
 # real models' shapes (random weights: speed does not depend on training); the zoo's own sizes give the
 # dispatch its minimum layer size
+# (in, out). LDM-4 ImageNet's attention linears (q, k, v, out) at 384 / 576 / 960 channels, which its
+# 64x64 latent runs at 1024 / 256 / 64 tokens a image.
 LINEARS = {"dit-xl2.qkv": (1152, 3456), "dit-xl2.proj": (1152, 1152), "dit-xl2.fc1": (1152, 4608),
-           "dit-xl2.fc2": (4608, 1152), "sd15.320": (320, 320), "sd15.640": (640, 640), "sd15.1280": (1280, 1280),
+           "dit-xl2.fc2": (4608, 1152), "ldm4.attn384": (384, 384), "ldm4.attn576": (576, 576),
+           "ldm4.attn960": (960, 960), "sd15.320": (320, 320), "sd15.640": (640, 640), "sd15.1280": (1280, 1280),
            "zoo-unet.128": (128, 128)}
+# (channels, height = width) of square 3x3 convolutions at the resolution the model runs them: LDM-4's
+# four levels (64x64 latent, 192-384-576-960 channels), the zoo U-Net's two
 CONVS = {"zoo-unet.conv64@16": (64, 16), "zoo-unet.conv128@8": (128, 8),
-         "ldm4.conv192@32": (192, 32), "ldm4.conv384@16": (384, 16), "ldm4.conv576@8": (576, 8),
-         "ldm4.conv960@8": (960, 8)}  # (channels, height = width): tokens are pixels, batch 1
+         "ldm4.conv192@64": (192, 64), "ldm4.conv384@32": (384, 32), "ldm4.conv576@16": (576, 16),
+         "ldm4.conv960@8": (960, 8)}
 TOKENS = (1, 16, 256, 1024, 4096)
 CONFIGS = {"1x8": (1, 8), "2x8": (2, 8)}  # (codebooks M, bits per code)
+
+
+def conv_batches(hw: int, tokens: tuple[int, ...] = TOKENS) -> tuple[int, ...]:
+    """Batch sizes at which a convolution at hw x hw pixels is timed: 1, then each batch that brings its
+    tokens (batch x pixels) to one of `tokens` above one image's, so that convolutions fill the same
+    token columns as the linears (LDM-4's 8x8 level at batch 4 / 16 / 64 is 256 / 1024 / 4096 tokens)."""
+    px = hw * hw
+    return (1, *(t // px for t in tokens if t > px and t % px == 0))
 
 
 def timeit_rounds(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
@@ -88,7 +101,7 @@ def measure(quick: bool = False, reps: int = 10, log: Callable[[str], None] = pr
             tokens: tuple[int, ...] | None = None) -> list[dict]:
     """The lookup kernel against fp32 dense on every shape of `linears` and `convs` (default LINEARS and
     CONVS; quick: the DiT's, SD's largest and the zoo's linears at 1/16/256/4096 tokens, one LDM-4 and one
-    zoo convolution), 1x8 and 2x8: one row per case."""
+    zoo convolution), 1x8 and 2x8: one row per case; convolutions at each of `conv_batches`."""
     gen = torch.Generator().manual_seed(0)
     if linears is None:
         linears = {k: v for k, v in LINEARS.items() if not quick or k.startswith(("dit", "sd15.1280", "zoo"))}
@@ -113,10 +126,13 @@ def measure(quick: bool = False, reps: int = 10, log: Callable[[str], None] = pr
             w = dequant_linear(torch.eye(ch * 9), cb, codes, scale, None).t().reshape(ch, ch, 3, 3).contiguous()
             kcb, kcodes, kscale = cpu.cpu_layout(codes, cb, scale, bits)
             bias = torch.zeros(ch)
-            x = torch.randn(1, ch, hw, hw, generator=gen)
-            ms = timeit_rounds(_conv_fns(x, w, bias, (kcb, kcodes, kscale)), reps)
-            rows.append(_row(name, "conv3x3", ch * 9, ch, hw * hw, cfg, ms, flop_bound(ch, ch * 9, m, 1 << bits, 9)))
-            log(f"{name:18s} {cfg} {hw * hw:5d} pixels: lookup {rows[-1]['speedup_vs_fp32']:.2f}x fp32 dense")
+            for n in conv_batches(hw, tokens):
+                x = torch.randn(n, ch, hw, hw, generator=gen)
+                ms = timeit_rounds(_conv_fns(x, w, bias, (kcb, kcodes, kscale)), reps)
+                rows.append(_row(name, "conv3x3", ch * 9, ch, n * hw * hw, cfg, ms,
+                                 flop_bound(ch, ch * 9, m, 1 << bits, 9)) | {"batch": n})
+                log(f"{name:18s} {cfg} {n:3d} x {hw * hw:4d} pixels: "
+                    f"lookup {rows[-1]['speedup_vs_fp32']:.2f}x fp32 dense")
     return rows
 
 

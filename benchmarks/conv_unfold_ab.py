@@ -1,0 +1,83 @@
+"""KAQ convolutions through the lookup kernel: a whole batch unfolded at once against one image at a time.
+
+`cpu.aq_conv2d` feeds the kernel unfolded patches. Unfolding the whole batch first (the earlier code)
+writes 9x the input before the kernel reads it back; at LDM-4's 8x8 level and batch 64 that is 141 MB,
+through DRAM. Unfolding one image at a time keeps each image's patches in cache. Both variants call the
+same C++ kernel on the same weights and inputs, timed in rounds beside torch fp32 dense (one process).
+
+    python benchmarks/conv_unfold_ab.py --json benchmarks/results/conv-unfold-ab.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from diffquant.io_utils import write_json
+from diffquant.kernels import cpu
+from diffquant.kernels.reference import dequant_linear
+from diffquant.kernels.tune import CONFIGS, CONVS, conv_batches, random_aq, timeit_rounds
+from diffquant.provenance import provenance
+
+
+def whole_batch_unfold(x, cb, codes, scale, bias):
+    """The earlier `aq_conv2d` (3x3, stride 1, padding 1): one unfold of the whole batch, then the kernel per image."""
+    ext = cpu.load_extension()
+    n, _, h, w = x.shape
+    cols = F.unfold(x, (3, 3), padding=(1, 1))
+    out = torch.empty(n, scale.numel(), h * w)
+    for i in range(n):
+        out[i] = ext.aq_matmul_tokens(cols[i].contiguous(), cb, codes, scale, bias, 8)
+    return out.reshape(n, scale.numel(), h, w)
+
+
+def variants(x, w, bias, aq) -> dict:
+    return {"fp32_dense": lambda: F.conv2d(x, w, bias, 1, 1),
+            "lut_whole_batch_unfold": lambda: whole_batch_unfold(x, *aq, bias),
+            "lut_per_image_unfold": lambda: cpu.aq_conv2d(x, *aq, bias, (3, 3), (1, 1), (1, 1), (1, 1))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", default="ldm4.conv384@32,ldm4.conv576@16,ldm4.conv960@8")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    cpu.load_extension()
+    gen = torch.Generator().manual_seed(0)
+    t0, rows = time.time(), []
+    for cfg, (m, bits) in CONFIGS.items():
+        for name in args.layers.split(","):
+            ch, hw = CONVS[name]
+            cb, codes, scale = random_aq(ch, ch * 9, m, bits, 9, gen)
+            w = dequant_linear(torch.eye(ch * 9), cb, codes, scale, None).t().reshape(ch, ch, 3, 3).contiguous()
+            kcb, kcodes, kscale = cpu.cpu_layout(codes, cb, scale, bits)
+            bias = torch.zeros(ch)
+            for n in conv_batches(hw):
+                x = torch.randn(n, ch, hw, hw, generator=gen)
+                ref = F.conv2d(x, w, bias, 1, 1)
+                fns = variants(x, w, bias, (kcb, kcodes, kscale))
+                for impl in ("lut_whole_batch_unfold", "lut_per_image_unfold"):
+                    err = ((fns[impl]() - ref).abs().max() / ref.abs().max()).item()
+                    if err > 1e-4:
+                        raise SystemExit(f"{name} {cfg} batch {n}: {impl} differs from dense by {err:.1e}")
+                ms = timeit_rounds(fns, args.reps)
+                for impl, v in ms.items():
+                    rows.append({"layer": name, "config": cfg, "batch": n, "tokens": n * hw * hw, "impl": impl,
+                                 "median_ms": round(v, 3), "speedup_vs_fp32": round(ms["fp32_dense"] / v, 3)})
+                print(f"{name:16s} {cfg} batch {n:3d}: whole-batch unfold "
+                      f"{ms['fp32_dense'] / ms['lut_whole_batch_unfold']:.2f}x fp32, per image "
+                      f"{ms['fp32_dense'] / ms['lut_per_image_unfold']:.2f}x", flush=True)
+    result = {"provenance": provenance(), "threads": torch.get_num_threads(), "wall_s": round(time.time() - t0, 1),
+              "rows": rows}
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
