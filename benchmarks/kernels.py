@@ -52,6 +52,7 @@ from diffquant.kernels.tune import (
     random_aq,
     store_entry,
     timeit_rounds,
+    warm_up,
 )
 from diffquant.provenance import provenance
 
@@ -232,6 +233,7 @@ def main() -> None:
     convs = {"ldm4.conv960@8": CONVS["ldm4.conv960@8"]} if args.quick else CONVS
     tokens = (1, 16, 256, 4096) if args.quick else TOKENS
     reps = 10 if args.quick else args.reps
+    warm_up()
     t0, rows = time.time(), []
     for cfg in CONFIGS:
         for name, (n_in, n_out) in linears.items():

@@ -79,3 +79,11 @@ def test_an_older_row_keeps_the_commit_of_the_file_it_came_from(tmp_path, monkey
     assert {r["method"]: (r["commit"], r["cpu"]) for r in doc["rows"]} == {"fp": ("old", "OldCPU"),
                                                                            "w4a8": ("new", "NewCPU")}
     assert doc["commit"] == "new" and doc["rows"][0]["commit_from"] == "the file"
+
+
+def test_provenance_keeps_the_commit_the_process_started_from(monkeypatch):
+    from diffquant import provenance as prov
+
+    at_start = prov.provenance()["commit"]
+    monkeypatch.setattr(prov, "git_commit", lambda: "edited-meanwhile-dirty")  # the tree changes during a run
+    assert prov.provenance()["commit"] == at_start != "edited-meanwhile-dirty"

@@ -24,6 +24,12 @@ def git_commit() -> str:
         return "unknown"
 
 
+# The commit of the code this process runs, taken when this module is first imported (`import diffquant`
+# and every benchmark script import it before they start work). A JSON written at the end of an hour's
+# run used to read the tree as it was then: an edit made meanwhile stamped the run -dirty or with a
+# later commit than the one that produced its figures.
+_COMMIT_AT_START = git_commit()
+
 
 def _cpuinfo_fields() -> dict[str, str]:
     """The first processor's fields in /proc/cpuinfo ({} where there is none)."""
@@ -72,4 +78,5 @@ def machine() -> dict:
 
 
 def provenance() -> dict:
-    return {"commit": git_commit(), "machine": machine()}
+    """The commit this process started from and the machine it runs on."""
+    return {"commit": _COMMIT_AT_START, "machine": machine()}

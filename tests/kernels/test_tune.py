@@ -78,7 +78,7 @@ def test_the_build_depends_on_the_cpus_instruction_sets(monkeypatch):
 
 @needs_lut
 def test_measure_and_the_cli_write_thresholds_dispatch_then_reads(isolated, monkeypatch):
-    rows = tune.measure(reps=1, log=lambda m: None, linears={"small": (64, 48)}, convs={}, tokens=(1, 16))
+    rows = tune.measure(reps=1, log=lambda m: None, linears={"small": (64, 48)}, convs={}, tokens=(1, 16), warm_s=0)
     assert len(rows) == 4 and all(r["median_ms"] > 0 and r["fp32_ms"] > 0 for r in rows)
     # the CLI on measurements where a 64x64 layer won at 16 tokens: dispatch must then pick the lookup for
     # it, which the shipped thresholds never do for so small a layer
@@ -99,6 +99,6 @@ def test_convolutions_are_timed_at_batches_that_reach_the_linears_token_counts()
 
 @needs_lut
 def test_measure_times_a_convolution_at_each_batch():
-    rows = tune.measure(reps=1, log=lambda m: None, linears={}, convs={"tiny": (8, 4)}, tokens=(1, 16, 64))
+    rows = tune.measure(reps=1, log=lambda m: None, linears={}, convs={"tiny": (8, 4)}, tokens=(1, 16, 64), warm_s=0)
     assert [(r["config"], r["batch"], r["tokens"]) for r in rows] == [
         ("1x8", 1, 16), ("1x8", 4, 64), ("2x8", 1, 16), ("2x8", 4, 64)]

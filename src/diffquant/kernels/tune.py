@@ -51,6 +51,17 @@ def conv_batches(hw: int, tokens: tuple[int, ...] = TOKENS) -> tuple[int, ...]:
     return (1, *(t // px for t in tokens if t > px and t % px == 0))
 
 
+def warm_up(seconds: float = 3.0) -> None:
+    """Dense products on every thread for a few seconds before the first timing. On the EPYC VM a run's
+    first case once measured 2.8x slow on fp32 dense and 18x on the lookup (DiT qkv at 1 token, 1.10 and
+    1.85 ms; 0.39 and 0.10 ms in a fresh process minutes later), and that one case moved the 1-token
+    dispatch threshold; warming the cores and the thread pool first keeps the first case like the rest."""
+    a = torch.randn(512, 512)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        a @ a
+
+
 def timeit_rounds(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
     """Median ms of each function, timed in rounds: every round runs each function once, in an order
     rotated round by round. On a shared VM the host slows whole stretches of seconds (the same call
@@ -98,11 +109,12 @@ def _conv_fns(x, w, bias, aq) -> dict[str, Callable[[], object]]:
 
 def measure(quick: bool = False, reps: int = 10, log: Callable[[str], None] = print,
             linears: dict[str, tuple[int, int]] | None = None, convs: dict[str, tuple[int, int]] | None = None,
-            tokens: tuple[int, ...] | None = None) -> list[dict]:
+            tokens: tuple[int, ...] | None = None, warm_s: float = 3.0) -> list[dict]:
     """The lookup kernel against fp32 dense on every shape of `linears` and `convs` (default LINEARS and
     CONVS; quick: the DiT's, SD's largest and the zoo's linears at 1/16/256/4096 tokens, one LDM-4 and one
     zoo convolution), 1x8 and 2x8: one row per case; convolutions at each of `conv_batches`."""
     gen = torch.Generator().manual_seed(0)
+    warm_up(warm_s)
     if linears is None:
         linears = {k: v for k, v in LINEARS.items() if not quick or k.startswith(("dit", "sd15.1280", "zoo"))}
     if convs is None:
