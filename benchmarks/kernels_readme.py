@@ -36,6 +36,13 @@ def kernel_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def timing(doc: dict) -> str:
+    """How a kernel table's medians were taken (runs before passes existed: 20 rounds, one pass)."""
+    if "passes" in doc:
+        return f"median over {doc['passes']} passes of the median of {doc['reps']} rounds"
+    return "median of 20 runs"
+
+
 def e2e_table(doc: dict) -> str:
     """Wall time as the median over rounds (with the minimum) and as a ratio to the same model's FP case."""
     lines = ["| case | wall (s), median | min | speed-up vs FP | weights held (MiB) | peak RSS (MiB) |",
@@ -103,7 +110,7 @@ def main() -> None:
         k = json.loads((res / name).read_text())
         parts += [f"Speed-up of diffquant's lookup kernel over torch fp32 dense (`benchmarks/results/{name}`, commit "
                   f"{k['provenance']['commit']}, {k['provenance']['machine']['cpu']}, {k['threads']} threads; "
-                  "median of 20 runs; a convolution's tokens are batch x pixels, so `ldm4.conv960@8` at batch 1 "
+                  f"{timing(k)}; a convolution's tokens are batch x pixels, so `ldm4.conv960@8` at batch 1 "
                   "is 64 tokens):", "", kernel_table(k), ""]
     parts = parts[:-1]
     for name in E2E_RUNS:
