@@ -150,8 +150,8 @@ def _measure(name, kind, n_in, n_out, tokens, cfg, impls, ref, reps, bound):
             out = torch.as_tensor(fn()).reshape(ref.shape)
         errs[impl] = ((out - ref).abs().max() / ref.abs().max()).item()
     # ours against dense in rounds of their own, then the peers against dense in theirs: with the numba
-    # and torchao peers in the same rounds, single cases of the lookup measured 5-15x slow in one pass
-    # and not in the next, at 1 token; the peers' ratios still come from the same process
+    # and torchao peers in the same rounds, single 1-token cases of the lookup measured several times
+    # slower than alone, some in every pass; the peers' ratios still come from the same process
     core = {i: f for i, (f, _, _) in impls.items() if i in CORE}
     ms = timeit_rounds(core, reps)
     base = {i: ms["fp32_dense"] for i in core}
