@@ -43,6 +43,15 @@ def timing(doc: dict) -> str:
     return "median of 20 runs"
 
 
+def older_shapes(doc: dict) -> str:
+    """A note for runs from before convolutions were timed at batch (and LDM-4's at their own resolutions)."""
+    convs = [r for r in doc["rows"] if r["kind"] == "conv3x3"]
+    if convs and not any("batch" in r for r in convs):
+        return ("; this run timed convolutions at batch 1 only, and LDM-4's at a quarter of their pixels "
+                "(`conv192@32` is LDM-4's 192-channel level, which runs at 64x64)")
+    return ""
+
+
 def e2e_table(doc: dict) -> str:
     """Wall time as the median over rounds (with the minimum) and as a ratio to the same model's FP case."""
     lines = ["| case | wall (s), median | min | speed-up vs FP | weights held (MiB) | peak RSS (MiB) |",
@@ -111,7 +120,7 @@ def main() -> None:
         parts += [f"Speed-up of diffquant's lookup kernel over torch fp32 dense (`benchmarks/results/{name}`, commit "
                   f"{k['provenance']['commit']}, {k['provenance']['machine']['cpu']}, {k['threads']} threads; "
                   f"{timing(k)}; a convolution's tokens are batch x pixels, so `ldm4.conv960@8` at batch 1 "
-                  "is 64 tokens):", "", kernel_table(k), ""]
+                  f"is 64 tokens{older_shapes(k)}):", "", kernel_table(k), ""]
     parts = parts[:-1]
     for name in E2E_RUNS:
         if not (res / name).exists():
