@@ -52,10 +52,10 @@ def conv_batches(hw: int, tokens: tuple[int, ...] = TOKENS) -> tuple[int, ...]:
 
 
 def warm_up(seconds: float = 3.0) -> None:
-    """Dense products on every thread for a few seconds before the first timing. On the EPYC VM a run's
-    first case once measured 2.8x slow on fp32 dense and 18x on the lookup (DiT qkv at 1 token, 1.10 and
-    1.85 ms; 0.39 and 0.10 ms in a fresh process minutes later), and that one case moved the 1-token
-    dispatch threshold; warming the cores and the thread pool first keeps the first case like the rest."""
+    """Dense products on every thread for a few seconds before the first timing, so that the first case
+    does not also pay for starting the thread pool. It did not cure the slow 1-token cases seen on the
+    EPYC VM (the peers in the same rounds did that: benchmarks/kernels.py times them apart); it is a
+    cheap precaution, not a measured fix."""
     a = torch.randn(512, 512)
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
