@@ -19,8 +19,7 @@ import torch.nn.functional as F
 
 from diffquant.io_utils import write_json
 from diffquant.kernels import cpu
-from diffquant.kernels.reference import dequant_linear
-from diffquant.kernels.tune import CONFIGS, CONVS, conv_batches, random_aq, timeit_rounds
+from diffquant.kernels.tune import CONFIGS, CONVS, conv_batches, random_aq_conv3x3, timeit_rounds
 from diffquant.provenance import provenance
 
 
@@ -53,8 +52,7 @@ def main() -> None:
     for cfg, (m, bits) in CONFIGS.items():
         for name in args.layers.split(","):
             ch, hw = CONVS[name]
-            cb, codes, scale = random_aq(ch, ch * 9, m, bits, 9, gen)
-            w = dequant_linear(torch.eye(ch * 9), cb, codes, scale, None).t().reshape(ch, ch, 3, 3).contiguous()
+            cb, codes, scale, w = random_aq_conv3x3(ch, m, bits, gen)
             kcb, kcodes, kscale = cpu.cpu_layout(codes, cb, scale, bits)
             bias = torch.zeros(ch)
             for n in conv_batches(hw):

@@ -52,6 +52,7 @@ from diffquant.kernels.tune import (
     break_even,
     conv_batches,
     random_aq,
+    random_aq_conv3x3,
     store_entry,
     timeit_rounds,
     warm_up,
@@ -120,10 +121,9 @@ def linear_rows(name, n_in, n_out, tokens, cfg, reps, gen, peers):
 def conv_rows(name, ch, hw, batch, cfg, reps, gen):
     m, bits = CONFIGS[cfg]
     g = 9
-    cb, codes, scale = random_aq(ch, ch * 9, m, bits, g, gen)
+    cb, codes, scale, w = random_aq_conv3x3(ch, m, bits, gen)
     bias = torch.zeros(ch)
     shape = (ch, ch, 3, 3)
-    w = dequant_linear(torch.eye(ch * 9), cb, codes, scale, None).t().reshape(shape).contiguous()
     x = torch.randn(batch, ch, hw, hw, generator=gen)
     kcb, kcodes, kscale = cpu.cpu_layout(codes, cb, scale, bits)
     ref = F.conv2d(x, w, bias, 1, 1)

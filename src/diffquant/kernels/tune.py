@@ -91,6 +91,14 @@ def random_aq(out: int, in_flat: int, m: int, bits: int, g: int, gen: torch.Gene
     return cb, codes, scale
 
 
+def random_aq_conv3x3(ch: int, m: int, bits: int, gen: torch.Generator):
+    """`random_aq` for a square 3x3 KAQ convolution (g = 9, one input channel's kernel slice a group), with
+    its dense fp32 weight (ch, ch, 3, 3): what the conv timings compare the lookup against."""
+    cb, codes, scale = random_aq(ch, ch * 9, m, bits, 9, gen)
+    w = dequant_linear(torch.eye(ch * 9), cb, codes, scale, None).t().reshape(ch, ch, 3, 3).contiguous()
+    return cb, codes, scale, w
+
+
 def _row(layer, kind, n_in, n_out, tokens, cfg, ms, bound) -> dict:
     return {"layer": layer, "kind": kind, "in": n_in, "out": n_out, "tokens": tokens, "config": cfg,
             "impl": "diffquant_lut", "median_ms": round(ms["diffquant_lut"], 4),
@@ -134,8 +142,7 @@ def measure(quick: bool = False, reps: int = 10, log: Callable[[str], None] = pr
                 rows.append(_row(name, "linear", n_in, n_out, t, cfg, ms, flop_bound(n_out, n_in, m, 1 << bits, 8)))
                 log(f"{name:18s} {cfg} {t:5d} tokens: lookup {rows[-1]['speedup_vs_fp32']:.2f}x fp32 dense")
         for name, (ch, hw) in convs.items():
-            cb, codes, scale = random_aq(ch, ch * 9, m, bits, 9, gen)
-            w = dequant_linear(torch.eye(ch * 9), cb, codes, scale, None).t().reshape(ch, ch, 3, 3).contiguous()
+            cb, codes, scale, w = random_aq_conv3x3(ch, m, bits, gen)
             kcb, kcodes, kscale = cpu.cpu_layout(codes, cb, scale, bits)
             bias = torch.zeros(ch)
             for n in conv_batches(hw, tokens):
