@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    unknown = [n for n in args.layers.split(",") if n not in CONVS]
+    if unknown:
+        ap.error(f"--layers: unknown {', '.join(unknown)}; choose from {', '.join(CONVS)}")
     cpu.load_extension()
     gen = torch.Generator().manual_seed(0)
     t0, rows = time.time(), []

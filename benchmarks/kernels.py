@@ -261,6 +261,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--write-thresholds", action="store_true", help=f"update {_THRESHOLDS.name} for dispatch")
     args = ap.parse_args()
+    if args.passes < 1 or args.reps < 1:
+        ap.error("--passes and --reps must be at least 1")
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     cpu.load_extension()
