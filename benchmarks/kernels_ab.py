@@ -14,6 +14,7 @@ layer back to back, which lets a 16-21 MB fp32 weight sit in a 36 MB L3.
 
     python benchmarks/kernels_ab.py --base 2d7432e --json benchmarks/results/kernels-ab-onetoken.json
     python benchmarks/kernels_ab.py --tokens 1,16 --cold --json benchmarks/results/kernels-ab-cold.json
+    python benchmarks/kernels_ab.py --base c0ae416 --lookups --json benchmarks/results/kernels-ab-byteplanes.json
 """
 
 from __future__ import annotations
@@ -80,15 +81,19 @@ def timeit_cold(fn, reps: int, flush: torch.Tensor) -> float:
 
 
 def compare(x: torch.Tensor, w: torch.Tensor, kcb: torch.Tensor, kscale: torch.Tensor, base: tuple, here: tuple,
-            reps: int, flush: torch.Tensor | None = None) -> dict:
+            reps: int, flush: torch.Tensor | None = None, lookups: tuple[str, ...] = ()) -> dict:
     """Dense, the base kernel and this tree's on one input: times (medians over rotating rounds, see
-    kernels.timeit_rounds; cold ones too with `flush`) and errors against dense."""
+    kernels.timeit_rounds; cold ones too with `flush`) and errors against dense. `lookups`: this tree's
+    one-token lookups (cpu.LOOKUPS) to time as well, each forced, as impl `lut_<name>`."""
     xt = x.t().contiguous()
     ref = F.linear(x, w)
     (base_ext, base_codes), (ext, codes) = base, here
     fns = {"fp32_dense": lambda: F.linear(x, w),
            "base_lut": lambda: base_ext.aq_matmul_tokens(xt, kcb, base_codes, kscale, None, 8, True).t(),
            "lut": lambda: ext.aq_matmul_tokens(xt, kcb, codes, kscale, None, 8, True).t()}
+    for name in lookups:
+        fns[f"lut_{name}"] = (lambda i: lambda: ext.aq_matmul_tokens(xt, kcb, codes, kscale, None, 8, True, i).t())(
+            cpu.LOOKUPS.index(name))
     err = {}
     for impl, fn in fns.items():
         with torch.no_grad():
@@ -105,6 +110,7 @@ def compare(x: torch.Tensor, w: torch.Tensor, kcb: torch.Tensor, kscale: torch.T
     return {**{f"{k}_ms": round(v, 4) for k, v in {**ms, **cold}.items()}, **cold_ratios,
             "lut_vs_base": round(ms["base_lut"] / ms["lut"], 3), "lut_vs_fp32": round(ms["fp32_dense"] / ms["lut"], 3),
             "base_vs_fp32": round(ms["fp32_dense"] / ms["base_lut"], 3),
+            **{f"{name}_vs_fp32": round(ms["fp32_dense"] / ms[f"lut_{name}"], 3) for name in lookups},
             "max_rel_error": {k: float(f"{v:.2e}") for k, v in err.items()}}
 
 
@@ -117,6 +123,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--cold", action="store_true", help="also time with the caches flushed before each call")
+    ap.add_argument("--lookups", action="store_true",
+                    help="at 1 token, also time each one-token lookup this build runs (cpu.one_token_lookups), forced")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     unknown = [name for name in args.layers.split(",") if name not in LINEARS]
@@ -138,7 +146,10 @@ def main() -> None:
             w = dequantize_additive(codes, cb, scale).contiguous()
             for tokens in (int(t) for t in args.tokens.split(",")):
                 x = torch.randn(tokens, n_in, generator=gen)
-                row = compare(x, w, kcb, kscale, (base, base_codes), (here, colmajor), args.reps, flush)
+                lookups = ()
+                if args.lookups and tokens == 1:
+                    lookups = tuple(cpu.one_token_lookups(1 << bits, colmajor.element_size())[1])
+                row = compare(x, w, kcb, kscale, (base, base_codes), (here, colmajor), args.reps, flush, lookups)
                 rows.append({"layer": name, "in": n_in, "out": n_out, "config": cfg, "tokens": tokens, **row})
                 print(f"{name:14s} {cfg} T={tokens:4d}  dense {row['fp32_dense_ms']:.3f}  base {row['base_lut_ms']:.3f}"
                       f"  new {row['lut_ms']:.3f} ms   new/base x{row['lut_vs_base']:.2f}"

@@ -74,8 +74,9 @@ def test_lut_linear_split_across_threads_equals_reference(tokens, in_flat):
                                                   (17, 1024, 1, 8, 8), (1, 16, 1, 1, 16), (45, 64, 2, 4, 8),
                                                   (19, 40, 1, 5, 8), (50, 48, 3, 6, 8), (33, 72, 2, 7, 9)])
 def test_one_token_path_equals_reference(out, in_flat, m, bits, g):
-    # a single token takes its own path (register permutes for up to 256 codewords, gathers beyond):
-    # output counts that leave a partial vector of 16 rows, uint8 and int16 codes, K = 2 .. 1024
+    # a single token takes its own path, with every lookup this build runs (byte planes, float register
+    # permutes, gathers, scalar): output counts that leave a partial vector of 16 or 64 rows, uint8 and
+    # int16 codes, K = 2 .. 1024
     gen = torch.Generator().manual_seed(out + in_flat)
     cb, codes, scale = _random_aq(out, in_flat, m, bits, g, gen)
     bias = torch.randn(out, generator=gen)
@@ -83,8 +84,25 @@ def test_one_token_path_equals_reference(out, in_flat, m, bits, g):
     kcb, kcodes, kscale = cpu.cpu_layout(codes, cb.half(), scale.half(), bits)
     y = cpu.aq_linear(x, kcb, kcodes, kscale, bias)
     _close(y, dequant_linear(x, kcb, codes, kscale, bias))
-    tiled = cpu.load_extension().aq_matmul_tokens(x.t().contiguous(), kcb, kcodes, kscale, bias, 8, one_token=False)
-    _close(y, tiled.t())
+    ext = cpu.load_extension()
+    xt = x.t().contiguous()
+    _close(y, ext.aq_matmul_tokens(xt, kcb, kcodes, kscale, bias, 8, one_token=False).t())
+    chosen, runs = cpu.one_token_lookups(1 << bits, kcodes.element_size())
+    assert chosen in runs and "scalar" in runs
+    for name in runs:
+        forced = ext.aq_matmul_tokens(xt, kcb, kcodes, kscale, bias, 8, True, cpu.LOOKUPS.index(name))
+        _close(y, forced.t())
+
+
+@needs_lut
+def test_a_lookup_this_build_cannot_run_is_refused_by_name():
+    gen = torch.Generator().manual_seed(5)
+    cb, codes, scale = _random_aq(16, 32, 1, 10, 8, gen)  # 1024 codewords: two-byte codes, no register lookup
+    kcb, kcodes, kscale = cpu.cpu_layout(codes, cb, scale, 10)
+    assert "float_permutes" not in cpu.one_token_lookups(1024, 2)[1]
+    with pytest.raises(RuntimeError, match=r"lookup 1 \(float_permutes\) does not run for 1024 codewords"):
+        cpu.load_extension().aq_matmul_tokens(torch.randn(32, 1), kcb, kcodes, kscale, None, 8, True,
+                                              cpu.LOOKUPS.index("float_permutes"))
 
 
 @needs_lut

@@ -251,8 +251,10 @@ void many_tokens_impl(const float* __restrict xt, int64_t in_flat, int64_t T, co
 
 // lut[(j*M + m)*K + c] = sum_k cb[m, c, k] * x[j*g + k], vectorised over c through a codeword-major copy
 // of the codebooks (cbt[m][k][c]); parallel over groups.
+void to_byte_planes(float* row, int64_t K);
+
 inline void build_one_token_table(const float* __restrict x, const float* __restrict cb, int64_t M, int64_t K,
-                                  int64_t g, int64_t J, float* __restrict lut) {
+                                  int64_t g, int64_t J, float* __restrict lut, bool byte_planes) {
   std::vector<float> cbt(M * g * K);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t c = 0; c < K; ++c)
@@ -270,6 +272,7 @@ inline void build_one_token_table(const float* __restrict x, const float* __rest
           const float* wk = w + k * K;
           for (int64_t c = 0; c < K; ++c) dst[c] += xk * wk[c];
         }
+        if (byte_planes) to_byte_planes(dst, K);
       }
   });
 }
@@ -327,40 +330,162 @@ void rows_by_gathers(const float* __restrict lut, int64_t n, int64_t K, const co
 }
 #endif
 
+#if defined(DQ_AVX512) && defined(__AVX512VBMI__)
+#define DQ_VBMI 1
+// A table row of K fp32 entries (K a multiple of 64) rewritten in place as byte planes: per block of 64
+// entries, 256 bytes [byte 0 of the 64 entries | byte 1 | byte 2 | byte 3]. The lookup then picks 64
+// rows' bytes per vpermb / vpermi2b (a byte permute covers 64 / 128 entries) instead of 16 rows' floats
+// per vpermi2ps (32 entries), and reassembles the floats with unpacks: exact, since only bytes move.
+void to_byte_planes(float* row, int64_t K) {
+  // within each 16-float register, gather byte b of every float into bytes 16b..16b+15
+  alignas(64) static const uint8_t split_idx[64] = {
+      0, 4, 8,  12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60, 1, 5, 9,  13, 17, 21, 25, 29, 33, 37, 41, 45,
+      49, 53, 57, 61, 2, 6, 10, 14, 18, 22, 26, 30, 34, 38, 42, 46, 50, 54, 58, 62, 3, 7, 11, 15, 19, 23, 27, 31,
+      35, 39, 43, 47, 51, 55, 59, 63};
+  const __m512i si = _mm512_load_si512(split_idx);
+  for (int64_t b = 0; b < K; b += 64) {
+    __m512i z[4];
+    for (int i = 0; i < 4; ++i) z[i] = _mm512_permutexvar_epi8(si, _mm512_loadu_si512(row + b + 16 * i));
+    // a 4x4 transpose of 128-bit quarters: plane p = quarter p of z[0..3]
+    const __m512i t0 = _mm512_shuffle_i32x4(z[0], z[1], 0x44), t1 = _mm512_shuffle_i32x4(z[2], z[3], 0x44);
+    const __m512i t2 = _mm512_shuffle_i32x4(z[0], z[1], 0xEE), t3 = _mm512_shuffle_i32x4(z[2], z[3], 0xEE);
+    _mm512_storeu_si512(row + b, _mm512_shuffle_i32x4(t0, t1, 0x88));
+    _mm512_storeu_si512(row + b + 16, _mm512_shuffle_i32x4(t0, t1, 0xDD));
+    _mm512_storeu_si512(row + b + 32, _mm512_shuffle_i32x4(t2, t3, 0x88));
+    _mm512_storeu_si512(row + b + 48, _mm512_shuffle_i32x4(t2, t3, 0xDD));
+  }
+}
+
+// Byte p of the entries picked by 64 codes, from a byte-plane table row of K = 64, 128 or 256 entries.
+template <int K>
+inline __m512i pick_plane(const __m512i* t, int p, __m512i idx, __mmask64 top) {
+  if constexpr (K == 64) {
+    return _mm512_permutexvar_epi8(idx, t[p]);
+  } else if constexpr (K == 128) {
+    return _mm512_permutex2var_epi8(t[p], idx, t[4 + p]);
+  } else {
+    return _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(t[p], idx, t[4 + p]),
+                                  _mm512_permutex2var_epi8(t[8 + p], idx, t[12 + p]));
+  }
+}
+
+// acc[q] += the entries picked for 64 rows at a time, rows_by_permutes for a byte-plane table. The unpacks
+// work within 128-bit lanes, so the 64 floats come out in a fixed order: acc[64c + 16k + 4L + i] holds row
+// 64c + 16L + 4k + i (`byte_plane_row`); the caller puts them back in order once at the end.
+template <int K>
+void rows_by_byte_planes(const float* __restrict lut, int64_t n, const uint8_t* __restrict codes_t, int64_t O,
+                         int64_t o_begin, int64_t rows, float* __restrict acc) {
+  for (int64_t e = 0; e < n; ++e) {
+    __m512i t[K / 16];
+    for (int i = 0; i < K / 16; ++i) t[i] = _mm512_load_si512(lut + e * K + 16 * i);
+    const uint8_t* c = codes_t + e * O + o_begin;
+    for (int64_t r = 0; r < rows; r += 64) {
+      const __mmask64 lm = rows - r >= 64 ? ~__mmask64(0) : (__mmask64(1) << (rows - r)) - 1;
+      const __m512i idx = _mm512_maskz_loadu_epi8(lm, c + r);
+      const __mmask64 top = _mm512_movepi8_mask(idx);
+      const __m512i b0 = pick_plane<K>(t, 0, idx, top), b1 = pick_plane<K>(t, 1, idx, top);
+      const __m512i b2 = pick_plane<K>(t, 2, idx, top), b3 = pick_plane<K>(t, 3, idx, top);
+      const __m512i w01l = _mm512_unpacklo_epi8(b0, b1), w01h = _mm512_unpackhi_epi8(b0, b1);
+      const __m512i w23l = _mm512_unpacklo_epi8(b2, b3), w23h = _mm512_unpackhi_epi8(b2, b3);
+      float* a = acc + r;
+      _mm512_store_ps(a, _mm512_add_ps(_mm512_load_ps(a), _mm512_castsi512_ps(_mm512_unpacklo_epi16(w01l, w23l))));
+      _mm512_store_ps(a + 16,
+                      _mm512_add_ps(_mm512_load_ps(a + 16), _mm512_castsi512_ps(_mm512_unpackhi_epi16(w01l, w23l))));
+      _mm512_store_ps(a + 32,
+                      _mm512_add_ps(_mm512_load_ps(a + 32), _mm512_castsi512_ps(_mm512_unpacklo_epi16(w01h, w23h))));
+      _mm512_store_ps(a + 48,
+                      _mm512_add_ps(_mm512_load_ps(a + 48), _mm512_castsi512_ps(_mm512_unpackhi_epi16(w01h, w23h))));
+    }
+  }
+}
+#else
+void to_byte_planes(float*, int64_t) { TORCH_CHECK(false, "byte-plane tables need AVX-512 VBMI"); }
+#endif
+
+// the row held at accumulator position q by rows_by_byte_planes (its own inverse)
+inline int64_t byte_plane_row(int64_t q) {
+  const int64_t c = q & ~int64_t(63), k = (q >> 4) & 3, lane = (q >> 2) & 3, i = q & 3;
+  return c + 16 * lane + 4 * k + i;
+}
+
+// How one token's gather-sum looks its table rows up (`lookup` of aq_matmul_tokens).
+enum Lookup : int64_t { kAuto = 0, kFloatPermutes = 1, kGathers = 2, kBytePlanes = 3, kScalar = 4 };
+
+inline const char* lookup_name(int64_t lookup) {
+  static const char* names[] = {"auto", "float_permutes", "gathers", "byte_planes", "scalar"};
+  return lookup >= 0 && lookup <= kScalar ? names[lookup] : "(unknown)";
+}
+
+// which lookups this build can run for K codewords and code type width `code_bytes`
+inline bool lookup_runs(int64_t lookup, int64_t K, int64_t code_bytes) {
+  const bool pow2_le256 = K >= 16 && K <= 256 && (K & (K - 1)) == 0;
+  switch (lookup) {
+    case kScalar: return true;
+#ifdef DQ_AVX512
+    case kGathers: return true;
+    case kFloatPermutes: return code_bytes == 1 && pow2_le256;
+#endif
+#ifdef DQ_VBMI
+    case kBytePlanes: return code_bytes == 1 && pow2_le256 && K >= 64;
+#endif
+    default: return false;
+  }
+}
+
+// the lookup chosen when none is forced: byte planes where VBMI has them, else float permutes, else
+// gathers, else scalar (measured: benchmarks/kernels_ab.py --lookups)
+inline int64_t auto_lookup(int64_t K, int64_t code_bytes) {
+  for (int64_t l : {kBytePlanes, kFloatPermutes, kGathers})
+    if (lookup_runs(l, K, code_bytes)) return l;
+  return kScalar;
+}
+
 // One token: the table lut[(j*M + m)*K + c] (above), then y[o] = scale[o] * sum_e lut[e*K + codes_t[e*O + o]]
-// + bias[o], parallel over blocks of output rows (each thread reads every column's table row).
+// + bias[o], parallel over blocks of output rows (each thread reads every column's table row). `lookup` is
+// one that lookup_runs (aq_matmul_tokens checks).
 template <typename code_t>
 void one_token_impl(const float* __restrict x, int64_t in_flat, const float* __restrict cb, int64_t M, int64_t K,
                     int64_t g, const code_t* __restrict codes_t, int64_t O, const float* __restrict scale,
-                    const float* __restrict bias, float* __restrict y) {
+                    const float* __restrict bias, float* __restrict y, int64_t lookup) {
   const int64_t J = in_flat / g, n = J * M;
   AlignedBuf lut_buf(n * K);
   float* __restrict lut = lut_buf.p;
-  build_one_token_table(x, cb, M, K, g, J, lut);
-  at::parallel_for(0, (O + 15) / 16, 16, [&](int64_t bb, int64_t be) {
-    const int64_t o_begin = bb * 16, rows = std::min<int64_t>(O, be * 16) - o_begin;
-    AlignedBuf acc_buf((be - bb) * 16);
+  build_one_token_table(x, cb, M, K, g, J, lut, lookup == kBytePlanes);
+  // blocks of 64 rows: a byte-plane step covers 64, the others 16
+  at::parallel_for(0, (O + 63) / 64, 4, [&](int64_t bb, int64_t be) {
+    const int64_t o_begin = bb * 64, rows = std::min<int64_t>(O, be * 64) - o_begin;
+    AlignedBuf acc_buf((be - bb) * 64);
     float* __restrict acc = acc_buf.p;
-    std::fill(acc, acc + (be - bb) * 16, 0.f);
-    bool done = false;
+    std::fill(acc, acc + (be - bb) * 64, 0.f);
 #ifdef DQ_AVX512
     if constexpr (sizeof(code_t) == 1) {
-      done = true;
-      switch (K) {
-        case 16: rows_by_permutes<16>(lut, n, codes_t, O, o_begin, rows, acc); break;
-        case 32: rows_by_permutes<32>(lut, n, codes_t, O, o_begin, rows, acc); break;
-        case 64: rows_by_permutes<64>(lut, n, codes_t, O, o_begin, rows, acc); break;
-        case 128: rows_by_permutes<128>(lut, n, codes_t, O, o_begin, rows, acc); break;
-        case 256: rows_by_permutes<256>(lut, n, codes_t, O, o_begin, rows, acc); break;
-        default: done = false;
+      if (lookup == kFloatPermutes) {
+        switch (K) {
+          case 16: rows_by_permutes<16>(lut, n, codes_t, O, o_begin, rows, acc); break;
+          case 32: rows_by_permutes<32>(lut, n, codes_t, O, o_begin, rows, acc); break;
+          case 64: rows_by_permutes<64>(lut, n, codes_t, O, o_begin, rows, acc); break;
+          case 128: rows_by_permutes<128>(lut, n, codes_t, O, o_begin, rows, acc); break;
+          case 256: rows_by_permutes<256>(lut, n, codes_t, O, o_begin, rows, acc); break;
+        }
       }
-    }
-    if (!done) {
-      rows_by_gathers<code_t>(lut, n, K, codes_t, O, o_begin, rows, acc);
-      done = true;
-    }
+#ifdef DQ_VBMI
+      if (lookup == kBytePlanes) {
+        switch (K) {
+          case 64: rows_by_byte_planes<64>(lut, n, codes_t, O, o_begin, rows, acc); break;
+          case 128: rows_by_byte_planes<128>(lut, n, codes_t, O, o_begin, rows, acc); break;
+          case 256: rows_by_byte_planes<256>(lut, n, codes_t, O, o_begin, rows, acc); break;
+        }
+        for (int64_t q = 0; q < (be - bb) * 64; ++q) {
+          const int64_t r = byte_plane_row(q);
+          if (r < rows) y[o_begin + r] = acc[q] * scale[o_begin + r] + (bias ? bias[o_begin + r] : 0.f);
+        }
+        return;
+      }
 #endif
-    if (!done)  // without AVX-512: scalar lookups, the column's table row in L1
+    }
+    if (lookup == kGathers) rows_by_gathers<code_t>(lut, n, K, codes_t, O, o_begin, rows, acc);
+#endif
+    if (lookup == kScalar)  // the column's table row in L1
       for (int64_t e = 0; e < n; ++e) {
         const float* tbl = lut + e * K;
         const code_t* c = codes_t + e * O + o_begin;
@@ -390,7 +515,8 @@ void check(const torch::Tensor& codebooks, const torch::Tensor& codes_t, int64_t
 
 // yt (out, T) = AQ weight @ xt (in_flat, T), token-contiguous in and out; codes_t (groups * M, out).
 torch::Tensor aq_matmul_tokens(torch::Tensor xt, torch::Tensor codebooks, torch::Tensor codes_t, torch::Tensor scale,
-                               c10::optional<torch::Tensor> bias, int64_t jb_groups, bool use_one_token) {
+                               c10::optional<torch::Tensor> bias, int64_t jb_groups, bool use_one_token,
+                               int64_t lookup) {
   const int64_t O = codes_t.dim() == 2 ? codes_t.size(1) : -1;
   check(codebooks, codes_t, O, scale, bias);
   TORCH_CHECK(xt.dim() == 2 && xt.scalar_type() == torch::kFloat && xt.is_contiguous(), "xt must be contiguous fp32 (in, T)");
@@ -413,13 +539,18 @@ torch::Tensor aq_matmul_tokens(torch::Tensor xt, torch::Tensor codebooks, torch:
   };
   // one token: the lookup path; otherwise the tile width follows the token count (a 16-wide tile
   // for 4 tokens would add 12 zeros per row)
+  const int64_t code_bytes = u8 ? 1 : 2;
+  if (lookup == kAuto) lookup = auto_lookup(K, code_bytes);
+  TORCH_CHECK(lookup_runs(lookup, K, code_bytes), "the one-token lookup ", lookup, " (", lookup_name(lookup),
+              ") does not run for ", K, " codewords with ", code_bytes,
+              "-byte codes on this build; cpu.one_token_lookups() lists those that do");
   if (T == 1 && use_one_token) {
     if (u8)
       one_token_impl<uint8_t>(xt.data_ptr<float>(), xt.size(0), codebooks.data_ptr<float>(), M, K, g, c8, O,
-                              scale.data_ptr<float>(), b, yt.data_ptr<float>());
+                              scale.data_ptr<float>(), b, yt.data_ptr<float>(), lookup);
     else
       one_token_impl<uint16_t>(xt.data_ptr<float>(), xt.size(0), codebooks.data_ptr<float>(), M, K, g, c16, O,
-                               scale.data_ptr<float>(), b, yt.data_ptr<float>());
+                               scale.data_ptr<float>(), b, yt.data_ptr<float>(), lookup);
   } else if (T <= 4)
     run(std::integral_constant<int, 4>{});
   else if (T <= 8)
@@ -432,5 +563,13 @@ torch::Tensor aq_matmul_tokens(torch::Tensor xt, torch::Tensor codebooks, torch:
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("aq_matmul_tokens", &aq_matmul_tokens, "AQ lookup-table product, token-contiguous, codes column-major",
         py::arg("xt"), py::arg("codebooks"), py::arg("codes_t"), py::arg("scale"), py::arg("bias"),
-        py::arg("jb_groups"), py::arg("one_token") = true);
+        py::arg("jb_groups"), py::arg("one_token") = true, py::arg("lookup") = int64_t(kAuto));
+  // lookup numbers as in enum Lookup; cpu.py names them
+  m.def("one_token_lookups", [](int64_t K, int64_t code_bytes) {
+        std::vector<int64_t> runs;
+        for (int64_t l : {kFloatPermutes, kGathers, kBytePlanes, kScalar})
+          if (lookup_runs(l, K, code_bytes)) runs.push_back(l);
+        return std::make_pair(auto_lookup(K, code_bytes), runs);
+      }, "(the automatic lookup, those this build runs) for K codewords and 1- or 2-byte codes",
+      py::arg("K"), py::arg("code_bytes"));
 }

@@ -78,6 +78,18 @@ def available() -> bool:
         return False
 
 
+# the one-token path's ways of looking table rows up, numbered as aq_lut.cpp's enum Lookup
+LOOKUPS = ("auto", "float_permutes", "gathers", "byte_planes", "scalar")
+
+
+def one_token_lookups(codewords: int, code_bytes: int) -> tuple[str, list[str]]:
+    """(the lookup the kernel picks, every lookup this build runs) for one token with `codewords` per
+    codebook and 1- or 2-byte codes: byte planes need AVX-512 VBMI, float permutes AVX-512 and at most
+    256 codewords. Tests compare each with the reference; `benchmarks/kernels_ab.py --lookups` times them."""
+    chosen, runs = load_extension().one_token_lookups(codewords, code_bytes)
+    return LOOKUPS[chosen], [LOOKUPS[i] for i in runs]
+
+
 def aq_linear(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
               bias: torch.Tensor | None, jb: int = 8) -> torch.Tensor:
     """x (..., in) @ W^T + bias, W given by AQ codes in the C++ kernel's layout, (groups * M, out)
