@@ -32,6 +32,12 @@
 // memory gather: on the Xeon (Cascade Lake) it ran 1.6-2.4x faster than the row-major 16-lane gathers it
 // replaced, e.g. DiT-XL/2 qkv 2x8 at 1 token 0.40 ms against 0.84 ms (benchmarks/kernels_ab.py,
 // benchmarks/results/kernels-ab-onetoken.json).
+// Where AVX-512 VBMI exists (Zen 4, Ice Lake and later) the table row is split into byte planes instead
+// and 64 rows look up their entries per byte permute (vpermi2b picks from 128 bytes), the floats put back
+// together by unpacks (`rows_by_byte_planes`): on the AMD EPYC it ran 1.2-2.1x faster than the float
+// permutes at 1 token on DiT-XL/2, LDM-4 and SD-1.5 layers, 1x8 and 2x8 (benchmarks/kernels_ab.py
+// --base c0ae416 --lookups, benchmarks/results/kernels-ab-byteplanes.json). There, 16-lane gathers were
+// the slowest of the four lookups, slower than scalar loads.
 // Larger codebooks use gathers from the column's table.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
