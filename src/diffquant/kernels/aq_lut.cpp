@@ -34,7 +34,7 @@
 // benchmarks/results/kernels-ab-onetoken.json).
 // Where AVX-512 VBMI exists (Zen 4, Ice Lake and later) the table row is split into byte planes instead
 // and 64 rows look up their entries per byte permute (vpermi2b picks from 128 bytes), the floats put back
-// together by unpacks (`rows_by_byte_planes`): on the AMD EPYC it ran 1.2-2.1x faster than the float
+// together by unpacks (`rows_by_byte_planes`): on the AMD EPYC it ran 1.1-2.1x faster than the float
 // permutes at 1 token on DiT-XL/2, LDM-4 and SD-1.5 layers, 1x8 and 2x8 (benchmarks/kernels_ab.py
 // --base c0ae416 --lookups, benchmarks/results/kernels-ab-byteplanes.json). There, 16-lane gathers were
 // the slowest of the four lookups, slower than scalar loads.
