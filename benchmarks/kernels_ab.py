@@ -15,6 +15,8 @@ layer back to back, which lets a 16-21 MB fp32 weight sit in a 36 MB L3.
     python benchmarks/kernels_ab.py --base 2d7432e --json benchmarks/results/kernels-ab-onetoken.json
     python benchmarks/kernels_ab.py --tokens 1,16 --cold --json benchmarks/results/kernels-ab-cold.json
     python benchmarks/kernels_ab.py --base c0ae416 --lookups --json benchmarks/results/kernels-ab-byteplanes.json
+    python benchmarks/kernels_ab.py --base c0ae416 --tokens 4,16,64,256 --token-major \
+        --json benchmarks/results/kernels-ab-tokenmajor.json
 """
 
 from __future__ import annotations
@@ -81,16 +83,23 @@ def timeit_cold(fn, reps: int, flush: torch.Tensor) -> float:
 
 
 def compare(x: torch.Tensor, w: torch.Tensor, kcb: torch.Tensor, kscale: torch.Tensor, base: tuple, here: tuple,
-            reps: int, flush: torch.Tensor | None = None, lookups: tuple[str, ...] = ()) -> dict:
+            reps: int, flush: torch.Tensor | None = None, lookups: tuple[str, ...] = (),
+            token_major: bool = False) -> dict:
     """Dense, the base kernel and this tree's on one input: times (medians over rotating rounds, see
     kernels.timeit_rounds; cold ones too with `flush`) and errors against dense. `lookups`: this tree's
-    one-token lookups (cpu.LOOKUPS) to time as well, each forced, as impl `lut_<name>`."""
+    one-token lookups (cpu.LOOKUPS) to time as well, each forced, as impl `lut_<name>`. `token_major`:
+    also this tree's kernel called as a linear layer calls it, from x (tokens, in) to (tokens, out), two
+    ways: `lut_copy_t` transposes the input by a copy first (as cpu.aq_linear did before), `lut_token_major`
+    lets the kernel read and write that layout itself."""
     xt = x.t().contiguous()
     ref = F.linear(x, w)
     (base_ext, base_codes), (ext, codes) = base, here
     fns = {"fp32_dense": lambda: F.linear(x, w),
            "base_lut": lambda: base_ext.aq_matmul_tokens(xt, kcb, base_codes, kscale, None, 8, True).t(),
            "lut": lambda: ext.aq_matmul_tokens(xt, kcb, codes, kscale, None, 8, True).t()}
+    if token_major:
+        fns["lut_copy_t"] = lambda: ext.aq_matmul_tokens(x.t().contiguous(), kcb, codes, kscale, None, 8, True).t()
+        fns["lut_token_major"] = lambda: ext.aq_matmul_tokens(x, kcb, codes, kscale, None, 8, token_major=True)
     for name in lookups:
         fns[f"lut_{name}"] = (lambda i: lambda: ext.aq_matmul_tokens(xt, kcb, codes, kscale, None, 8, True, i).t())(
             cpu.LOOKUPS.index(name))
@@ -111,6 +120,8 @@ def compare(x: torch.Tensor, w: torch.Tensor, kcb: torch.Tensor, kscale: torch.T
             "lut_vs_base": round(ms["base_lut"] / ms["lut"], 3), "lut_vs_fp32": round(ms["fp32_dense"] / ms["lut"], 3),
             "base_vs_fp32": round(ms["fp32_dense"] / ms["base_lut"], 3),
             **{f"{name}_vs_fp32": round(ms["fp32_dense"] / ms[f"lut_{name}"], 3) for name in lookups},
+            **({"token_major_vs_copy_t": round(ms["lut_copy_t"] / ms["lut_token_major"], 3),
+                "token_major_vs_fp32": round(ms["fp32_dense"] / ms["lut_token_major"], 3)} if token_major else {}),
             "max_rel_error": {k: float(f"{v:.2e}") for k, v in err.items()}}
 
 
@@ -123,6 +134,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--cold", action="store_true", help="also time with the caches flushed before each call")
+    ap.add_argument("--token-major", action="store_true",
+                    help="also time the kernel from and to a linear's (tokens, features) layout, with and without "
+                         "a transposed copy of the input (see compare)")
     ap.add_argument("--lookups", action="store_true",
                     help="at 1 token, also time each one-token lookup this build runs (cpu.one_token_lookups), forced")
     args = ap.parse_args()
@@ -149,7 +163,8 @@ def main() -> None:
                 lookups = ()
                 if args.lookups and tokens == 1:
                     lookups = tuple(cpu.one_token_lookups(1 << bits, colmajor.element_size())[1])
-                row = compare(x, w, kcb, kscale, (base, base_codes), (here, colmajor), args.reps, flush, lookups)
+                row = compare(x, w, kcb, kscale, (base, base_codes), (here, colmajor), args.reps, flush, lookups,
+                              args.token_major)
                 rows.append({"layer": name, "in": n_in, "out": n_out, "config": cfg, "tokens": tokens, **row})
                 print(f"{name:14s} {cfg} T={tokens:4d}  dense {row['fp32_dense_ms']:.3f}  base {row['base_lut_ms']:.3f}"
                       f"  new {row['lut_ms']:.3f} ms   new/base x{row['lut_vs_base']:.2f}"

@@ -154,13 +154,25 @@ __attribute__((always_inline)) inline void gather_block(const float* __restrict 
   }
 }
 
-// the token tile's input rows of groups j0..j1, zero-padded to TT tokens, at xtile[(j*g + k)*TT]
+// the token tile's input rows of groups j0..j1, zero-padded to TT tokens, at xtile[(j*g + k)*TT]; the input
+// is token-contiguous, x[i*T + t], or with `token_major` as a (T, in_flat) matrix, x[t*in_flat + i] (a
+// linear's input as it comes, transposed here in cache rather than by a separate copy)
 template <int TT>
-inline void load_xtile(const float* __restrict xt, int64_t T, int64_t t0, int64_t i0, int64_t i1,
-                       float* __restrict xtile) {
+inline void load_xtile(const float* __restrict x, int64_t in_flat, int64_t T, bool token_major, int64_t t0,
+                       int64_t i0, int64_t i1, float* __restrict xtile) {
   const int64_t tt = std::min<int64_t>(TT, T - t0);
+  if (token_major) {
+    for (int t = 0; t < TT; ++t) {
+      const float* src = x + (t0 + t) * in_flat;
+      if (t < tt)
+        for (int64_t i = i0; i < i1; ++i) xtile[i * TT + t] = src[i];
+      else
+        for (int64_t i = i0; i < i1; ++i) xtile[i * TT + t] = 0.f;
+    }
+    return;
+  }
   for (int64_t i = i0; i < i1; ++i) {
-    const float* src = xt + i * T + t0;
+    const float* src = x + i * T + t0;
     float* dst = xtile + i * TT;
     for (int t = 0; t < TT; ++t) dst[t] = t < tt ? src[t] : 0.f;
   }
@@ -169,7 +181,7 @@ inline void load_xtile(const float* __restrict xt, int64_t T, int64_t t0, int64_
 template <int TT, typename code_t>
 void many_tokens_impl(const float* __restrict xt, int64_t in_flat, int64_t T, const float* __restrict cb, int64_t M,
                       int64_t K, int64_t g, const code_t* __restrict codes_t, int64_t O, const float* __restrict scale,
-                      const float* __restrict bias, float* __restrict yt, int64_t jb_groups) {
+                      const float* __restrict bias, float* __restrict yt, int64_t jb_groups, bool token_major) {
   const int64_t J = in_flat / g;
   const int64_t ntiles = (T + TT - 1) / TT;
   const int64_t JB = std::max<int64_t>(1, std::min<int64_t>(jb_groups, J));
@@ -197,7 +209,7 @@ void many_tokens_impl(const float* __restrict xt, int64_t in_flat, int64_t T, co
         const int64_t jlo = J * p / parts, jhi = J * (p + 1) / parts;
         float* acc = part + p * O * TT;
         std::fill(acc, acc + O * TT, 0.f);
-        load_xtile<TT>(xt, T, 0, jlo * g, jhi * g, xtile_buf.p);
+        load_xtile<TT>(xt, in_flat, T, token_major, 0, jlo * g, jhi * g, xtile_buf.p);
         for (int64_t j0 = jlo; j0 < jhi; j0 += JB) {
           const int64_t j1 = std::min(jhi, j0 + JB);
           build_any<TT>(xtile_buf.p, cb, M, K, g, j0, j1, lut_buf.p);
@@ -213,11 +225,13 @@ void many_tokens_impl(const float* __restrict xt, int64_t in_flat, int64_t T, co
         vt sum = load_tile<TT>(part + o * TT);
         for (int64_t p = 1; p < parts; ++p) sum += load_tile<TT>(part + (p * O + o) * TT);
         sum = sum * scale[o] + (bias ? bias[o] : 0.f);
-        float* yo = yt + o * T;
-        if (T == TT)
-          store_tile<TT>(yo, sum);
-        else
-          for (int64_t t = 0; t < T; ++t) yo[t] = sum[t];
+        if (token_major) {
+          for (int64_t t = 0; t < T; ++t) yt[t * O + o] = sum[t];
+        } else if (T == TT) {
+          store_tile<TT>(yt + o * T, sum);
+        } else {
+          for (int64_t t = 0; t < T; ++t) yt[o * T + t] = sum[t];
+        }
       }
     });
     return;
@@ -233,7 +247,7 @@ void many_tokens_impl(const float* __restrict xt, int64_t in_flat, int64_t T, co
     float* __restrict acc = acc_buf.p;
     for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
       const int64_t t0 = tile * TT, tt = std::min<int64_t>(TT, T - t0);
-      load_xtile<TT>(xt, T, t0, 0, in_flat, xtile);
+      load_xtile<TT>(xt, in_flat, T, token_major, t0, 0, in_flat, xtile);
       std::fill(acc, acc + (o_end - o_begin) * TT, 0.f);
       for (int64_t j0 = 0; j0 < J; j0 += JB) {
         const int64_t j1 = std::min(J, j0 + JB);
@@ -243,8 +257,10 @@ void many_tokens_impl(const float* __restrict xt, int64_t in_flat, int64_t T, co
       for (int64_t o = o_begin; o < o_end; ++o) {
         const float s = scale[o], b = bias ? bias[o] : 0.f;
         const float* ao = acc + (o - o_begin) * TT;
-        float* yo = yt + o * T + t0;
-        for (int64_t t = 0; t < tt; ++t) yo[t] = ao[t] * s + b;
+        if (token_major)
+          for (int64_t t = 0; t < tt; ++t) yt[(t0 + t) * O + o] = ao[t] * s + b;
+        else
+          for (int64_t t = 0; t < tt; ++t) yt[o * T + t0 + t] = ao[t] * s + b;
       }
     }
   };
@@ -519,29 +535,33 @@ void check(const torch::Tensor& codebooks, const torch::Tensor& codes_t, int64_t
 
 }  // namespace
 
-// yt (out, T) = AQ weight @ xt (in_flat, T), token-contiguous in and out; codes_t (groups * M, out).
+// yt (out, T) = AQ weight @ xt (in_flat, T), token-contiguous in and out; codes_t (groups * M, out). With
+// `token_major`, x is (T, in_flat) and the result (T, out): a linear layer's own layout, so that the caller
+// copies neither way.
 torch::Tensor aq_matmul_tokens(torch::Tensor xt, torch::Tensor codebooks, torch::Tensor codes_t, torch::Tensor scale,
                                c10::optional<torch::Tensor> bias, int64_t jb_groups, bool use_one_token,
-                               int64_t lookup) {
+                               int64_t lookup, bool token_major) {
   const int64_t O = codes_t.dim() == 2 ? codes_t.size(1) : -1;
   check(codebooks, codes_t, O, scale, bias);
-  TORCH_CHECK(xt.dim() == 2 && xt.scalar_type() == torch::kFloat && xt.is_contiguous(), "xt must be contiguous fp32 (in, T)");
+  TORCH_CHECK(xt.dim() == 2 && xt.scalar_type() == torch::kFloat && xt.is_contiguous(),
+              token_major ? "x must be contiguous fp32 (T, in)" : "xt must be contiguous fp32 (in, T)");
   const int64_t M = codebooks.size(0), K = codebooks.size(1), g = codebooks.size(2);
-  TORCH_CHECK(xt.size(0) == codes_t.size(0) / M * g, "input features ", xt.size(0), " != groups * g");
-  auto yt = torch::empty({O, xt.size(1)}, xt.options());
+  const int64_t in_flat = xt.size(token_major ? 1 : 0), T = xt.size(token_major ? 0 : 1);
+  TORCH_CHECK(in_flat == codes_t.size(0) / M * g, "input features ", in_flat, " != groups * g = ",
+              codes_t.size(0) / M * g);
+  auto yt = token_major ? torch::empty({T, O}, xt.options()) : torch::empty({O, T}, xt.options());
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
-  const int64_t T = xt.size(1);
   const bool u8 = codes_t.scalar_type() == torch::kUInt8;
   const uint8_t* c8 = u8 ? codes_t.data_ptr<uint8_t>() : nullptr;
   const uint16_t* c16 = u8 ? nullptr : reinterpret_cast<const uint16_t*>(codes_t.data_ptr<int16_t>());
   auto run = [&](auto tt) {
     constexpr int TT = decltype(tt)::value;
     if (u8)
-      many_tokens_impl<TT, uint8_t>(xt.data_ptr<float>(), xt.size(0), T, codebooks.data_ptr<float>(), M, K, g, c8, O,
-                                    scale.data_ptr<float>(), b, yt.data_ptr<float>(), jb_groups);
+      many_tokens_impl<TT, uint8_t>(xt.data_ptr<float>(), in_flat, T, codebooks.data_ptr<float>(), M, K, g, c8, O,
+                                    scale.data_ptr<float>(), b, yt.data_ptr<float>(), jb_groups, token_major);
     else
-      many_tokens_impl<TT, uint16_t>(xt.data_ptr<float>(), xt.size(0), T, codebooks.data_ptr<float>(), M, K, g, c16, O,
-                                     scale.data_ptr<float>(), b, yt.data_ptr<float>(), jb_groups);
+      many_tokens_impl<TT, uint16_t>(xt.data_ptr<float>(), in_flat, T, codebooks.data_ptr<float>(), M, K, g, c16, O,
+                                     scale.data_ptr<float>(), b, yt.data_ptr<float>(), jb_groups, token_major);
   };
   // one token: the lookup path; otherwise the tile width follows the token count (a 16-wide tile
   // for 4 tokens would add 12 zeros per row)
@@ -552,10 +572,10 @@ torch::Tensor aq_matmul_tokens(torch::Tensor xt, torch::Tensor codebooks, torch:
               "-byte codes on this build; cpu.one_token_lookups() lists those that do");
   if (T == 1 && use_one_token) {
     if (u8)
-      one_token_impl<uint8_t>(xt.data_ptr<float>(), xt.size(0), codebooks.data_ptr<float>(), M, K, g, c8, O,
+      one_token_impl<uint8_t>(xt.data_ptr<float>(), in_flat, codebooks.data_ptr<float>(), M, K, g, c8, O,
                               scale.data_ptr<float>(), b, yt.data_ptr<float>(), lookup);
     else
-      one_token_impl<uint16_t>(xt.data_ptr<float>(), xt.size(0), codebooks.data_ptr<float>(), M, K, g, c16, O,
+      one_token_impl<uint16_t>(xt.data_ptr<float>(), in_flat, codebooks.data_ptr<float>(), M, K, g, c16, O,
                                scale.data_ptr<float>(), b, yt.data_ptr<float>(), lookup);
   } else if (T <= 4)
     run(std::integral_constant<int, 4>{});
@@ -569,7 +589,7 @@ torch::Tensor aq_matmul_tokens(torch::Tensor xt, torch::Tensor codebooks, torch:
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("aq_matmul_tokens", &aq_matmul_tokens, "AQ lookup-table product, token-contiguous, codes column-major",
         py::arg("xt"), py::arg("codebooks"), py::arg("codes_t"), py::arg("scale"), py::arg("bias"),
-        py::arg("jb_groups"), py::arg("one_token") = true, py::arg("lookup") = int64_t(kAuto));
+        py::arg("jb_groups"), py::arg("one_token") = true, py::arg("lookup") = int64_t(kAuto), py::arg("token_major") = false);
   // lookup numbers as in enum Lookup; cpu.py names them
   m.def("one_token_lookups", [](int64_t K, int64_t code_bytes) {
         std::vector<int64_t> runs;

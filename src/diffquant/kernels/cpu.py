@@ -93,13 +93,15 @@ def one_token_lookups(codewords: int, code_bytes: int) -> tuple[str, list[str]]:
 def aq_linear(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
               bias: torch.Tensor | None, jb: int = 8) -> torch.Tensor:
     """x (..., in) @ W^T + bias, W given by AQ codes in the C++ kernel's layout, (groups * M, out)
-    column-major (see `cpu_layout`); the input is transposed to token-contiguous and the output back."""
+    column-major (see `cpu_layout`). The kernel reads x as it is, (tokens, in), and writes (tokens, out):
+    it transposes each token tile in cache, which at 16 tokens saved a separate transposed copy's
+    10-25% of the call (benchmarks/kernels_ab.py, the kernels-ab-tokenmajor.json rows)."""
     if not x.is_cpu:
         raise ValueError(f"the lookup-table kernel runs on the CPU; got a tensor on {x.device} (use 'triton' there)")
     ext = load_extension()
     lead, n_in = x.shape[:-1], x.shape[-1]
-    xt = x.reshape(-1, n_in).float().t().contiguous()
-    return ext.aq_matmul_tokens(xt, codebooks, codes, scale, bias, jb).t().reshape(*lead, -1)
+    x2 = x.reshape(-1, n_in).float().contiguous()
+    return ext.aq_matmul_tokens(x2, codebooks, codes, scale, bias, jb, token_major=True).reshape(*lead, -1)
 
 
 def aq_conv2d(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
