@@ -1,9 +1,12 @@
-"""KAQ convolutions through the lookup kernel: a whole batch unfolded at once against one image at a time.
+"""KAQ convolutions through the lookup kernel: three ways of feeding it patches, side by side in one process.
 
-`cpu.aq_conv2d` feeds the kernel unfolded patches. Unfolding the whole batch first (the earlier code)
-writes 9x the input before the kernel reads it back; at LDM-4's 8x8 level and batch 64 that is 141 MB,
-through DRAM. Unfolding one image at a time keeps each image's patches in cache. Both variants call the
-same C++ kernel on the same weights and inputs, timed in rounds beside torch fp32 dense (one process).
+- `lut_whole_batch_unfold`: F.unfold the whole batch, then the kernel per image (the first `aq_conv2d`).
+  That writes 9x the input before the kernel reads it back: 141 MB at LDM-4's 8x8 level and batch 64.
+- `lut_per_image_unfold`: F.unfold one image at a time (`cpu.aq_conv2d_unfolded`, `aq_conv2d` until the
+  kernel read patches itself), so each image's patches stay in cache.
+- `lut_fused`: the kernel reads each tile's patches straight from the image (`cpu.aq_conv2d` now), so
+  nothing is unfolded in memory.
+All three call the same product on the same weights and inputs, timed in rounds beside torch fp32 dense.
 
     python benchmarks/conv_unfold_ab.py --json benchmarks/results/conv-unfold-ab.json
 """
@@ -37,7 +40,8 @@ def whole_batch_unfold(x, cb, codes, scale, bias):
 def variants(x, w, bias, aq) -> dict:
     return {"fp32_dense": lambda: F.conv2d(x, w, bias, 1, 1),
             "lut_whole_batch_unfold": lambda: whole_batch_unfold(x, *aq, bias),
-            "lut_per_image_unfold": lambda: cpu.aq_conv2d(x, *aq, bias, (3, 3), (1, 1), (1, 1), (1, 1))}
+            "lut_per_image_unfold": lambda: cpu.aq_conv2d_unfolded(x, *aq, bias, (3, 3), (1, 1), (1, 1), (1, 1)),
+            "lut_fused": lambda: cpu.aq_conv2d(x, *aq, bias, (3, 3), (1, 1), (1, 1), (1, 1))}
 
 
 def main() -> None:
@@ -62,7 +66,7 @@ def main() -> None:
                 x = torch.randn(n, ch, hw, hw, generator=gen)
                 ref = F.conv2d(x, w, bias, 1, 1)
                 fns = variants(x, w, bias, (kcb, kcodes, kscale))
-                for impl in ("lut_whole_batch_unfold", "lut_per_image_unfold"):
+                for impl in ("lut_whole_batch_unfold", "lut_per_image_unfold", "lut_fused"):
                     err = ((fns[impl]() - ref).abs().max() / ref.abs().max()).item()
                     if err > 1e-4:
                         raise SystemExit(f"{name} {cfg} batch {n}: {impl} differs from dense by {err:.1e}")
@@ -72,7 +76,8 @@ def main() -> None:
                                  "median_ms": round(v, 3), "speedup_vs_fp32": round(ms["fp32_dense"] / v, 3)})
                 print(f"{name:16s} {cfg} batch {n:3d}: whole-batch unfold "
                       f"{ms['fp32_dense'] / ms['lut_whole_batch_unfold']:.2f}x fp32, per image "
-                      f"{ms['fp32_dense'] / ms['lut_per_image_unfold']:.2f}x", flush=True)
+                      f"{ms['fp32_dense'] / ms['lut_per_image_unfold']:.2f}x, fused "
+                      f"{ms['fp32_dense'] / ms['lut_fused']:.2f}x", flush=True)
     result = {"provenance": provenance(), "threads": torch.get_num_threads(), "wall_s": round(time.time() - t0, 1),
               "rows": rows}
     if args.json:

@@ -106,16 +106,40 @@ def test_a_lookup_this_build_cannot_run_is_refused_by_name():
 
 
 @needs_lut
-@pytest.mark.parametrize("batch,cin,cout,hw,stride,pad", [(1, 3, 5, 7, 1, 1), (3, 4, 17, 9, 2, 1), (2, 6, 8, 5, 1, 0)])
-def test_lut_kaq_conv_equals_reference(batch, cin, cout, hw, stride, pad):
+@pytest.mark.parametrize("batch,cin,cout,hw,k,stride,pad,dil,bits",
+                         [(1, 3, 5, 7, (3, 3), 1, 1, 1, 6), (3, 4, 17, 9, (3, 3), 2, 1, 1, 6),
+                          (2, 6, 8, 5, (3, 3), 1, 0, 1, 6), (2, 5, 7, 6, (3, 3), 1, 2, 2, 6),
+                          (1, 4, 9, 13, (3, 1), (2, 1), (1, 0), 1, 8), (2, 7, 33, 2, (3, 3), 1, 1, 1, 8),
+                          (1, 8, 20, 3, (3, 3), 1, 1, 1, 10), (65, 8, 16, 4, (1, 1), 1, 0, 1, 8),
+                          (1, 6, 10, 1, (3, 3), 1, 1, 1, 8)])
+def test_lut_kaq_conv_equals_reference(batch, cin, cout, hw, k, stride, pad, dil, bits):
+    # the kernel reads each patch from the image itself: strides, paddings, dilations, a 3x1 kernel, outputs
+    # of 3, 8 and 15 pixels (one 4-, 8- or 16-token tile, the groups split between threads) up to 105 (several
+    # tiles), 2-byte codes, a batch of 65
     gen = torch.Generator().manual_seed(cin * 31 + cout)
-    cb, codes, scale = _random_aq(cout, cin * 9, 2, 6, 9, gen)
+    pair = lambda v: v if isinstance(v, tuple) else (v, v)  # noqa: E731
+    k, stride, pad, dil = pair(k), pair(stride), pair(pad), pair(dil)
+    g = k[0] * k[1]
+    cb, codes, scale = _random_aq(cout, cin * g, 2, bits, g, gen)
     bias = torch.randn(cout, generator=gen)
     x = torch.randn(batch, cin, hw, hw + 2, generator=gen)
-    kcb, kcodes, kscale = cpu.cpu_layout(codes, cb, scale, 6)
-    y = cpu.aq_conv2d(x, kcb, kcodes, kscale, bias, (3, 3), (stride, stride), (pad, pad), (1, 1))
-    ref = dequant_conv2d(x, kcb, codes, kscale, bias, (cout, cin, 3, 3), (stride, stride), (pad, pad), (1, 1))
+    kcb, kcodes, kscale = cpu.cpu_layout(codes, cb, scale, bits)
+    y = cpu.aq_conv2d(x, kcb, kcodes, kscale, bias, k, stride, pad, dil)
+    ref = dequant_conv2d(x, kcb, codes, kscale, bias, (cout, cin, *k), stride, pad, dil)
+    assert y.shape == ref.shape
     _close(y, ref)
+    _close(cpu.aq_conv2d_unfolded(x, kcb, kcodes, kscale, bias, k, stride, pad, dil), ref)
+
+
+@needs_lut
+def test_lut_conv_names_a_patch_that_does_not_match_the_codes():
+    gen = torch.Generator().manual_seed(3)
+    cb, codes, scale = _random_aq(8, 4 * 9, 1, 8, 9, gen)
+    kcb, kcodes, kscale = cpu.cpu_layout(codes, cb, scale, 8)
+    with pytest.raises(RuntimeError, match="a patch has 5 x 3 x 3 = 45 inputs but the codes cover groups"):
+        cpu.aq_conv2d(torch.randn(1, 5, 6, 6), kcb, kcodes, kscale, None, (3, 3), (1, 1), (1, 1), (1, 1))
+    with pytest.raises(RuntimeError, match="smaller than the dilated kernel"):
+        cpu.aq_conv2d(torch.randn(1, 4, 2, 2), kcb, kcodes, kscale, None, (3, 3), (1, 1), (0, 0), (1, 1))
 
 
 def _modules(gen):

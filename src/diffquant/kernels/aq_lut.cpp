@@ -154,32 +154,66 @@ __attribute__((always_inline)) inline void gather_block(const float* __restrict 
   }
 }
 
-// the token tile's input rows of groups j0..j1, zero-padded to TT tokens, at xtile[(j*g + k)*TT]; the input
-// is token-contiguous, x[i*T + t], or with `token_major` as a (T, in_flat) matrix, x[t*in_flat + i] (a
-// linear's input as it comes, transposed here in cache rather than by a separate copy)
-template <int TT>
-inline void load_xtile(const float* __restrict x, int64_t in_flat, int64_t T, bool token_major, int64_t t0,
-                       int64_t i0, int64_t i1, float* __restrict xtile) {
-  const int64_t tt = std::min<int64_t>(TT, T - t0);
-  if (token_major) {
-    for (int t = 0; t < TT; ++t) {
-      const float* src = x + (t0 + t) * in_flat;
-      if (t < tt)
-        for (int64_t i = i0; i < i1; ++i) xtile[i * TT + t] = src[i];
-      else
-        for (int64_t i = i0; i < i1; ++i) xtile[i * TT + t] = 0.f;
-    }
-    return;
-  }
-  for (int64_t i = i0; i < i1; ++i) {
-    const float* src = x + i * T + t0;
-    float* dst = xtile + i * TT;
-    for (int t = 0; t < TT; ++t) dst[t] = t < tt ? src[t] : 0.f;
-  }
-}
+// Loaders write a token tile's input rows i0..i1, zero-padded to TT tokens, at xtile[i*TT + t]: the table
+// build reads each group's g rows as TT-wide vectors.
 
-template <int TT, typename code_t>
-void many_tokens_impl(const float* __restrict xt, int64_t in_flat, int64_t T, const float* __restrict cb, int64_t M,
+// from a matrix: token-contiguous, x[i*T + t], or with `token_major` a (T, in_flat) one, x[t*in_flat + i] (a
+// linear's input as it comes, transposed here in cache rather than by a separate copy)
+struct MatrixLoader {
+  const float* x;
+  int64_t in_flat, T;
+  bool token_major;
+  template <int TT>
+  void load(int64_t t0, int64_t i0, int64_t i1, float* __restrict xtile) const {
+    const int64_t tt = std::min<int64_t>(TT, T - t0);
+    if (token_major) {
+      for (int t = 0; t < TT; ++t) {
+        const float* src = x + (t0 + t) * in_flat;
+        if (t < tt)
+          for (int64_t i = i0; i < i1; ++i) xtile[i * TT + t] = src[i];
+        else
+          for (int64_t i = i0; i < i1; ++i) xtile[i * TT + t] = 0.f;
+      }
+      return;
+    }
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* src = x + i * T + t0;
+      float* dst = xtile + i * TT;
+      for (int t = 0; t < TT; ++t) dst[t] = t < tt ? src[t] : 0.f;
+    }
+  }
+};
+
+// from one image (C, H, W) of a convolution: row i = (c, ki, kj) of a patch in F.unfold's order, token t =
+// output pixel; the patches are read straight from the image (an im2col per tile, in cache), so the
+// unfolded image (kh*kw times the input) is never written out
+struct ConvLoader {
+  const float* x;
+  int64_t H, W, kh, kw, sh, sw, ph, pw, dh, dw, Wo, P;  // P = output pixels
+  template <int TT>
+  void load(int64_t t0, int64_t i0, int64_t i1, float* __restrict xtile) const {
+    int64_t top[TT], left[TT];  // the patch origin of each token; a padding token never lands inside
+    for (int t = 0; t < TT; ++t) {
+      const int64_t p = t0 + t;
+      top[t] = p < P ? (p / Wo) * sh - ph : -(int64_t(1) << 40);
+      left[t] = p < P ? (p % Wo) * sw - pw : 0;
+    }
+    const int64_t kk = kh * kw;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t c = i / kk, r = i % kk;
+      const float* plane = x + c * H * W;
+      const int64_t dy = (r / kw) * dh, dx = (r % kw) * dw;
+      float* dst = xtile + i * TT;
+      for (int t = 0; t < TT; ++t) {
+        const int64_t y = top[t] + dy, xx = left[t] + dx;
+        dst[t] = (y >= 0 && y < H && xx >= 0 && xx < W) ? plane[y * W + xx] : 0.f;
+      }
+    }
+  }
+};
+
+template <int TT, typename code_t, typename Loader>
+void many_tokens_impl(const Loader& loader, int64_t in_flat, int64_t T, const float* __restrict cb, int64_t M,
                       int64_t K, int64_t g, const code_t* __restrict codes_t, int64_t O, const float* __restrict scale,
                       const float* __restrict bias, float* __restrict yt, int64_t jb_groups, bool token_major) {
   const int64_t J = in_flat / g;
@@ -209,7 +243,7 @@ void many_tokens_impl(const float* __restrict xt, int64_t in_flat, int64_t T, co
         const int64_t jlo = J * p / parts, jhi = J * (p + 1) / parts;
         float* acc = part + p * O * TT;
         std::fill(acc, acc + O * TT, 0.f);
-        load_xtile<TT>(xt, in_flat, T, token_major, 0, jlo * g, jhi * g, xtile_buf.p);
+        loader.template load<TT>(0, jlo * g, jhi * g, xtile_buf.p);
         for (int64_t j0 = jlo; j0 < jhi; j0 += JB) {
           const int64_t j1 = std::min(jhi, j0 + JB);
           build_any<TT>(xtile_buf.p, cb, M, K, g, j0, j1, lut_buf.p);
@@ -247,7 +281,7 @@ void many_tokens_impl(const float* __restrict xt, int64_t in_flat, int64_t T, co
     float* __restrict acc = acc_buf.p;
     for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
       const int64_t t0 = tile * TT, tt = std::min<int64_t>(TT, T - t0);
-      load_xtile<TT>(xt, in_flat, T, token_major, t0, 0, in_flat, xtile);
+      loader.template load<TT>(t0, 0, in_flat, xtile);
       std::fill(acc, acc + (o_end - o_begin) * TT, 0.f);
       for (int64_t j0 = 0; j0 < J; j0 += JB) {
         const int64_t j1 = std::min(J, j0 + JB);
@@ -557,10 +591,10 @@ torch::Tensor aq_matmul_tokens(torch::Tensor xt, torch::Tensor codebooks, torch:
   auto run = [&](auto tt) {
     constexpr int TT = decltype(tt)::value;
     if (u8)
-      many_tokens_impl<TT, uint8_t>(xt.data_ptr<float>(), in_flat, T, codebooks.data_ptr<float>(), M, K, g, c8, O,
+      many_tokens_impl<TT, uint8_t>(MatrixLoader{xt.data_ptr<float>(), in_flat, T, token_major}, in_flat, T, codebooks.data_ptr<float>(), M, K, g, c8, O,
                                     scale.data_ptr<float>(), b, yt.data_ptr<float>(), jb_groups, token_major);
     else
-      many_tokens_impl<TT, uint16_t>(xt.data_ptr<float>(), in_flat, T, codebooks.data_ptr<float>(), M, K, g, c16, O,
+      many_tokens_impl<TT, uint16_t>(MatrixLoader{xt.data_ptr<float>(), in_flat, T, token_major}, in_flat, T, codebooks.data_ptr<float>(), M, K, g, c16, O,
                                      scale.data_ptr<float>(), b, yt.data_ptr<float>(), jb_groups, token_major);
   };
   // one token: the lookup path; otherwise the tile width follows the token count (a 16-wide tile
@@ -586,7 +620,56 @@ torch::Tensor aq_matmul_tokens(torch::Tensor xt, torch::Tensor codebooks, torch:
   return yt;
 }
 
+// y (N, out, Ho, Wo) = KAQ convolution of x (N, C, H, W) (groups == 1), codes_t (groups * M, out) over a
+// patch of C*kh*kw inputs in F.unfold's order. Each image is one product of `pixels` tokens whose tiles are
+// loaded straight from the image (ConvLoader); images run one after another, each split between threads.
+torch::Tensor aq_conv2d(torch::Tensor x, torch::Tensor codebooks, torch::Tensor codes_t, torch::Tensor scale,
+                        c10::optional<torch::Tensor> bias, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
+                        int64_t pw, int64_t dh, int64_t dw, int64_t jb_groups) {
+  const int64_t O = codes_t.dim() == 2 ? codes_t.size(1) : -1;
+  check(codebooks, codes_t, O, scale, bias);
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
+              "x must be contiguous fp32 (N, C, H, W)");
+  TORCH_CHECK(kh > 0 && kw > 0 && sh > 0 && sw > 0 && dh > 0 && dw > 0 && ph >= 0 && pw >= 0,
+              "kernel size, stride and dilation must be positive and padding non-negative");
+  const int64_t M = codebooks.size(0), K = codebooks.size(1), g = codebooks.size(2);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), in_flat = C * kh * kw;
+  TORCH_CHECK(in_flat == codes_t.size(0) / M * g, "a patch has ", C, " x ", kh, " x ", kw, " = ", in_flat,
+              " inputs but the codes cover groups * g = ", codes_t.size(0) / M * g);
+  const int64_t Ho = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1, Wo = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  TORCH_CHECK(Ho > 0 && Wo > 0, "the input (", H, " x ", W, ") is smaller than the dilated kernel");
+  auto y = torch::empty({N, O, Ho, Wo}, x.options());
+  const int64_t P = Ho * Wo;
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  const bool u8 = codes_t.scalar_type() == torch::kUInt8;
+  for (int64_t n = 0; n < N; ++n) {
+    const ConvLoader loader{x.data_ptr<float>() + n * C * H * W, H, W, kh, kw, sh, sw, ph, pw, dh, dw, Wo, P};
+    float* yn = y.data_ptr<float>() + n * O * P;
+    auto run = [&](auto tt) {
+      constexpr int TT = decltype(tt)::value;
+      if (u8)
+        many_tokens_impl<TT, uint8_t>(loader, in_flat, P, codebooks.data_ptr<float>(), M, K, g,
+                                      codes_t.data_ptr<uint8_t>(), O, scale.data_ptr<float>(), b, yn, jb_groups, false);
+      else
+        many_tokens_impl<TT, uint16_t>(loader, in_flat, P, codebooks.data_ptr<float>(), M, K, g,
+                                       reinterpret_cast<const uint16_t*>(codes_t.data_ptr<int16_t>()), O,
+                                       scale.data_ptr<float>(), b, yn, jb_groups, false);
+    };
+    if (P <= 4)
+      run(std::integral_constant<int, 4>{});
+    else if (P <= 8)
+      run(std::integral_constant<int, 8>{});
+    else
+      run(std::integral_constant<int, 16>{});
+  }
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("aq_conv2d", &aq_conv2d, "KAQ convolution by the lookup kernel, patches read straight from each image",
+        py::arg("x"), py::arg("codebooks"), py::arg("codes_t"), py::arg("scale"), py::arg("bias"), py::arg("kh"),
+        py::arg("kw"), py::arg("sh"), py::arg("sw"), py::arg("ph"), py::arg("pw"), py::arg("dh"), py::arg("dw"),
+        py::arg("jb_groups"));
   m.def("aq_matmul_tokens", &aq_matmul_tokens, "AQ lookup-table product, token-contiguous, codes column-major",
         py::arg("xt"), py::arg("codebooks"), py::arg("codes_t"), py::arg("scale"), py::arg("bias"),
         py::arg("jb_groups"), py::arg("one_token") = true, py::arg("lookup") = int64_t(kAuto), py::arg("token_major") = false);

@@ -108,16 +108,26 @@ def aq_linear(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, sca
 def aq_conv2d(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
               bias: torch.Tensor | None, kernel_size: tuple[int, int], stride, padding, dilation,
               jb: int = 8) -> torch.Tensor:
-    """KAQ Conv2d (groups == 1): F.unfold lays each patch out channel-major, so group j of the unfolded
-    column is one input channel's k x k slice, and the table row is that slice against every codeword
-    kernel (the channel convolved with the codeword kernels, at this pixel). The token-contiguous
-    gather-sum then yields each image's (out, pixels) plane directly, with no transposes.
-
-    One image is unfolded at a time: a whole batch's unfold is 9x the input (141 MB for LDM-4's 960-channel
-    8x8 level at batch 64) and goes through DRAM; one image's stays in cache (the two measured side by
-    side: benchmarks/conv_unfold_ab.py)."""
+    """KAQ Conv2d (groups == 1): a patch in F.unfold's order is channel-major, so group j of it is one input
+    channel's k x k slice, and the table row is that slice against every codeword kernel (the channel
+    convolved with the codeword kernels, at this pixel). The kernel reads each tile of output pixels'
+    patches straight from the image and writes each image's (out, pixels) plane, so nothing is unfolded
+    in memory: an unfolded image is kh*kw times the input (2.2 MB for one image at LDM-4's 960-channel 8x8
+    level), and unfolding it took about a seventh of the convolution's time in a perf profile
+    (benchmarks/conv_unfold_ab.py times the fused path against unfolding first)."""
     if not x.is_cpu:
         raise ValueError(f"the lookup-table kernel runs on the CPU; got a tensor on {x.device}")
+    ext = load_extension()
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    return ext.aq_conv2d(x.float().contiguous(), codebooks, codes, scale, bias, kh, kw, sh, sw, ph, pw, dh, dw, jb)
+
+
+def aq_conv2d_unfolded(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                       bias: torch.Tensor | None, kernel_size: tuple[int, int], stride, padding, dilation,
+                       jb: int = 8) -> torch.Tensor:
+    """`aq_conv2d` as it was before the kernel read patches itself: F.unfold one image at a time, then the
+    product on the unfolded columns. Kept as the A/B baseline of benchmarks/conv_unfold_ab.py and as a
+    second path for the tests to compare with."""
     ext = load_extension()
     n, _, h, w = x.shape
     kh, kw = kernel_size
