@@ -113,8 +113,8 @@ def aq_conv2d(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, sca
     convolved with the codeword kernels, at this pixel). The kernel reads each tile of output pixels'
     patches straight from the image and writes each image's (out, pixels) plane, so nothing is unfolded
     in memory: an unfolded image is kh*kw times the input (2.2 MB for one image at LDM-4's 960-channel 8x8
-    level), and unfolding it took about a seventh of the convolution's time in a perf profile
-    (benchmarks/conv_unfold_ab.py times the fused path against unfolding first)."""
+    level). Against unfolding each image first it ran 0.94-1.29x (median 1.06x) on LDM-4's 384-960 channel
+    levels at batch 1-64 on the AMD EPYC (benchmarks/conv_unfold_ab.py, benchmarks/results/conv-unfold-ab.json)."""
     if not x.is_cpu:
         raise ValueError(f"the lookup-table kernel runs on the CPU; got a tensor on {x.device}")
     ext = load_extension()
