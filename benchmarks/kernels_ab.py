@@ -15,6 +15,8 @@ layer back to back, which lets a 16-21 MB fp32 weight sit in a 36 MB L3.
     python benchmarks/kernels_ab.py --base 2d7432e --json benchmarks/results/kernels-ab-onetoken.json
     python benchmarks/kernels_ab.py --tokens 1,16 --cold --json benchmarks/results/kernels-ab-cold.json
     python benchmarks/kernels_ab.py --base c0ae416 --lookups --json benchmarks/results/kernels-ab-byteplanes.json
+    python benchmarks/kernels_ab.py --base 99f6559 --tokens 1,16,256 --mixed \
+        --json benchmarks/results/kernels-ab-scratch.json
     python benchmarks/kernels_ab.py --base c0ae416 --tokens 4,16,64,256 --token-major \
         --json benchmarks/results/kernels-ab-tokenmajor.json
 """
@@ -82,15 +84,31 @@ def timeit_cold(fn, reps: int, flush: torch.Tensor) -> float:
     return sorted(ts)[len(ts) // 2] * 1e3
 
 
+def timeit_after(fns: dict, reps: int, before) -> dict[str, float]:
+    """Median ms of each function in rotating rounds (as kernels.timeit_rounds), each call right after an
+    untimed call of `before`."""
+    names, ts = list(fns), {name: [] for name in fns}
+    with torch.no_grad():
+        for r in range(reps):
+            for i in range(len(names)):
+                name = names[(r + i) % len(names)]
+                before()
+                t = time.perf_counter()
+                fns[name]()
+                ts[name].append(time.perf_counter() - t)
+    return {name: sorted(v)[len(v) // 2] * 1e3 for name, v in ts.items()}
+
+
 def compare(x: torch.Tensor, w: torch.Tensor, kcb: torch.Tensor, kscale: torch.Tensor, base: tuple, here: tuple,
             reps: int, flush: torch.Tensor | None = None, lookups: tuple[str, ...] = (),
-            token_major: bool = False) -> dict:
+            token_major: bool = False, disturb=None) -> dict:
     """Dense, the base kernel and this tree's on one input: times (medians over rotating rounds, see
     kernels.timeit_rounds; cold ones too with `flush`) and errors against dense. `lookups`: this tree's
     one-token lookups (cpu.LOOKUPS) to time as well, each forced, as impl `lut_<name>`. `token_major`:
     also this tree's kernel called as a linear layer calls it, from x (tokens, in) to (tokens, out), two
     ways: `lut_copy_t` transposes the input by a copy first (as cpu.aq_linear did before), `lut_token_major`
-    lets the kernel read and write that layout itself."""
+    lets the kernel read and write that layout itself. `disturb`: also time every call right after an untimed
+    call of it (`--mixed`), as `*_mixed`."""
     xt = x.t().contiguous()
     ref = F.linear(x, w)
     (base_ext, base_codes), (ext, codes) = base, here
@@ -116,6 +134,11 @@ def compare(x: torch.Tensor, w: torch.Tensor, kcb: torch.Tensor, kscale: torch.T
                        "lut_vs_fp32_cold": round(cold["fp32_dense_cold"] / cold["lut_cold"], 3)}
     else:
         cold_ratios = {}
+    if disturb is not None:
+        mixed = {f"{k}_mixed": v for k, v in timeit_after(fns, reps, disturb).items()}
+        cold.update(mixed)
+        cold_ratios.update({"lut_vs_base_mixed": round(mixed["base_lut_mixed"] / mixed["lut_mixed"], 3),
+                            "lut_vs_fp32_mixed": round(mixed["fp32_dense_mixed"] / mixed["lut_mixed"], 3)})
     return {**{f"{k}_ms": round(v, 4) for k, v in {**ms, **cold}.items()}, **cold_ratios,
             "lut_vs_base": round(ms["base_lut"] / ms["lut"], 3), "lut_vs_fp32": round(ms["fp32_dense"] / ms["lut"], 3),
             "base_vs_fp32": round(ms["fp32_dense"] / ms["base_lut"], 3),
@@ -134,6 +157,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--cold", action="store_true", help="also time with the caches flushed before each call")
+    ap.add_argument("--mixed", action="store_true",
+                    help="also time every call right after an untimed dequantize-then-dense product of the same "
+                         "layer, as the kernel table's rounds have it: the caches partly evicted, as in a model")
     ap.add_argument("--token-major", action="store_true",
                     help="also time the kernel from and to a linear's (tokens, features) layout, with and without "
                          "a transposed copy of the input (see compare)")
@@ -163,16 +189,22 @@ def main() -> None:
                 lookups = ()
                 if args.lookups and tokens == 1:
                     lookups = tuple(cpu.one_token_lookups(1 << bits, colmajor.element_size())[1])
+                disturb = (lambda x=x, codes=codes, cb=cb, scale=scale:
+                           F.linear(x, dequantize_additive(codes, cb, scale))) if args.mixed else None
                 row = compare(x, w, kcb, kscale, (base, base_codes), (here, colmajor), args.reps, flush, lookups,
-                              args.token_major)
+                              args.token_major, disturb)
                 rows.append({"layer": name, "in": n_in, "out": n_out, "config": cfg, "tokens": tokens, **row})
                 print(f"{name:14s} {cfg} T={tokens:4d}  dense {row['fp32_dense_ms']:.3f}  base {row['base_lut_ms']:.3f}"
                       f"  new {row['lut_ms']:.3f} ms   new/base x{row['lut_vs_base']:.2f}"
                       f"  new/dense x{row['lut_vs_fp32']:.2f}"
                       + (f"   cold: dense {row['fp32_dense_cold_ms']:.3f}  base {row['base_lut_cold_ms']:.3f}  new "
                          f"{row['lut_cold_ms']:.3f} ms  new/dense x{row['lut_vs_fp32_cold']:.2f}" if flush is not None
-                         else ""), flush=True)
+                         else "")
+                      + (f"   after dequant: base {row['base_lut_mixed_ms']:.3f}  new {row['lut_mixed_ms']:.3f} ms  "
+                         f"new/base x{row['lut_vs_base_mixed']:.2f}  new/dense x{row['lut_vs_fp32_mixed']:.2f}"
+                         if args.mixed else ""), flush=True)
     result = {"provenance": provenance(), "base": args.base, "threads": args.threads, "reps": args.reps,
+              "mixed": args.mixed,
               "cold_flush_bytes": None if flush is None else flush.numel() * 4,
               "wall_s": round(time.time() - t0, 1), "rows": rows}
     if args.json:

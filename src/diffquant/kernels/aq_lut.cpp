@@ -56,16 +56,30 @@ namespace {
 
 // A tile of TT tokens is one GCC/Clang vector-extension value of TT fp32 (AVX-512 for 16, AVX for 8,
 // SSE for 4), any alignment; written explicitly because the auto-vectoriser kept the table build scalar.
-struct AlignedBuf {
-  float* p;
-  explicit AlignedBuf(int64_t n) {
-    p = static_cast<float*>(std::aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64));
-    TORCH_CHECK(p != nullptr, "out of memory for a lookup table of ", n, " floats");
+// Working memory, kept per thread between calls, one buffer per role, grown when a call needs more: a
+// buffer allocated afresh by each call lands at new addresses, whose lines come from DRAM after the rest of
+// a model has run, while these stay in the last-level cache. Each role is taken once per thread per call
+// (the calling thread also works inside the parallel regions, so the roles it holds there differ from the
+// one it holds outside). Held until the thread exits: at most the largest layer's tables and partial sums.
+enum Role : int { kParts = 0, kTableBlock, kXTile, kAcc, kOneTokenTable, kOneTokenAcc, kRoles };
+
+float* scratch(Role role, int64_t n) {
+  struct Slots {
+    float* p[kRoles] = {};
+    int64_t n[kRoles] = {};
+    ~Slots() {
+      for (float* q : p) std::free(q);
+    }
+  };
+  thread_local Slots slots;
+  if (slots.n[role] < n) {
+    std::free(slots.p[role]);
+    slots.p[role] = static_cast<float*>(std::aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64));
+    slots.n[role] = slots.p[role] ? n : 0;
+    TORCH_CHECK(slots.p[role] != nullptr, "out of memory for ", n, " floats of lookup-kernel working memory");
   }
-  ~AlignedBuf() { std::free(p); }
-  AlignedBuf(const AlignedBuf&) = delete;
-  AlignedBuf& operator=(const AlignedBuf&) = delete;
-};
+  return slots.p[role];
+}
 
 template <int TT>
 struct Tile {
@@ -235,19 +249,19 @@ void many_tokens_impl(const Loader& loader, int64_t in_flat, int64_t T, const fl
   const bool split_groups = ntiles == 1 && nth > 1 && J >= 2 * nth && (TT <= 4 || K * g * nth >= 2 * O);
   if (split_groups) {  // T <= TT: the one tile holds every token
     const int64_t parts = nth;
-    AlignedBuf part_buf(parts * O * TT);
-    float* __restrict part = part_buf.p;
+    float* __restrict part = scratch(kParts, parts * O * TT);
     at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
-      AlignedBuf lut_buf(JB * M * K * TT), xtile_buf(in_flat * TT);
+      float* const lut = scratch(kTableBlock, JB * M * K * TT);
+      float* const xtile = scratch(kXTile, in_flat * TT);
       for (int64_t p = pb; p < pe; ++p) {
         const int64_t jlo = J * p / parts, jhi = J * (p + 1) / parts;
         float* acc = part + p * O * TT;
         std::fill(acc, acc + O * TT, 0.f);
-        loader.template load<TT>(0, jlo * g, jhi * g, xtile_buf.p);
+        loader.template load<TT>(0, jlo * g, jhi * g, xtile);
         for (int64_t j0 = jlo; j0 < jhi; j0 += JB) {
           const int64_t j1 = std::min(jhi, j0 + JB);
-          build_any<TT>(xtile_buf.p, cb, M, K, g, j0, j1, lut_buf.p);
-          gather_block<TT, code_t>(lut_buf.p, (j1 - j0) * M, K, codes_t + j0 * M * O, O, 0, O, acc);
+          build_any<TT>(xtile, cb, M, K, g, j0, j1, lut);
+          gather_block<TT, code_t>(lut, (j1 - j0) * M, K, codes_t + j0 * M * O, O, 0, O, acc);
         }
       }
     });
@@ -275,10 +289,9 @@ void many_tokens_impl(const Loader& loader, int64_t in_flat, int64_t T, const fl
   const bool by_tiles = ntiles >= nth;
   auto work = [&](int64_t tile_begin, int64_t tile_end, int64_t o_begin, int64_t o_end) {
     // 64-byte aligned so that a 16-float table row is one cache line, not two
-    AlignedBuf lut_buf(JB * M * K * TT), xtile_buf(in_flat * TT), acc_buf((o_end - o_begin) * TT);
-    float* __restrict lut = lut_buf.p;
-    float* __restrict xtile = xtile_buf.p;
-    float* __restrict acc = acc_buf.p;
+    float* __restrict lut = scratch(kTableBlock, JB * M * K * TT);
+    float* __restrict xtile = scratch(kXTile, in_flat * TT);
+    float* __restrict acc = scratch(kAcc, (o_end - o_begin) * TT);
     for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
       const int64_t t0 = tile * TT, tt = std::min<int64_t>(TT, T - t0);
       loader.template load<TT>(t0, 0, in_flat, xtile);
@@ -504,14 +517,12 @@ void one_token_impl(const float* __restrict x, int64_t in_flat, const float* __r
                     int64_t g, const code_t* __restrict codes_t, int64_t O, const float* __restrict scale,
                     const float* __restrict bias, float* __restrict y, int64_t lookup) {
   const int64_t J = in_flat / g, n = J * M;
-  AlignedBuf lut_buf(n * K);
-  float* __restrict lut = lut_buf.p;
+  float* __restrict lut = scratch(kOneTokenTable, n * K);
   build_one_token_table(x, cb, M, K, g, J, lut, lookup == kBytePlanes);
   // blocks of 64 rows: a byte-plane step covers 64, the others 16
   at::parallel_for(0, (O + 63) / 64, 4, [&](int64_t bb, int64_t be) {
     const int64_t o_begin = bb * 64, rows = std::min<int64_t>(O, be * 64) - o_begin;
-    AlignedBuf acc_buf((be - bb) * 64);
-    float* __restrict acc = acc_buf.p;
+    float* __restrict acc = scratch(kOneTokenAcc, (be - bb) * 64);
     std::fill(acc, acc + (be - bb) * 64, 0.f);
 #ifdef DQ_AVX512
     if constexpr (sizeof(code_t) == 1) {
