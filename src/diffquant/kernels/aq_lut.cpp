@@ -61,6 +61,10 @@ namespace {
 // a model has run, while these stay in the last-level cache. Each role is taken once per thread per call
 // (the calling thread also works inside the parallel regions, so the roles it holds there differ from the
 // one it holds outside). Held until the thread exits: at most the largest layer's tables and partial sums.
+// Measured against allocating per call (benchmarks/kernels_ab.py --base 99f6559 --mixed,
+// benchmarks/results/kernels-ab-scratch.json, AMD EPYC, 1-256 tokens): 0.99-1.13x called back to back,
+// 0.96-1.26x right after a dequantize-then-dense product (median 1.02x both): a small gain, kept because it
+// also takes the allocator out of every call.
 enum Role : int { kParts = 0, kTableBlock, kXTile, kAcc, kOneTokenTable, kOneTokenAcc, kRoles };
 
 float* scratch(Role role, int64_t n) {
