@@ -148,18 +148,19 @@ inline void build_any(const float* xtile, const float* cb, int64_t M, int64_t K,
   }
 }
 
-// acc[(o - o_begin)*TT + t] += sum over the block's columns jm < n of lut[(jm*K + codes_t[jm*O + o])*TT + t].
-// Forced inline: called out of line from the row-split lambda it ran at 0.88-0.95x of the same loop
+// acc[(o - o_begin)*TT + t] += sum over the block's columns jm < n of lut[(jm*K + codes_t[jm*O + o])*TT + t];
+// `first`: the block is the first one, so acc is written, not added to (no zero fill beforehand). Forced inline: called out of line from the row-split lambda it ran at 0.88-0.95x of the same loop
 // written inline (DiT-XL/2 qkv and fc1, 8-16 tokens, AMD EPYC; trial kernels_ab.py runs, not kept).
 template <int TT, typename code_t>
 __attribute__((always_inline)) inline void gather_block(const float* __restrict lut, int64_t n, int64_t K,
                                                         const code_t* __restrict co, int64_t O, int64_t o_begin,
-                                                        int64_t o_end, float* __restrict acc) {
+                                                        int64_t o_end, float* __restrict acc, bool first) {
   using vt = typename Tile<TT>::v;
   for (int64_t o = o_begin; o < o_end; ++o) {
     float* ao = acc + (o - o_begin) * TT;
     const code_t* c = co + o;  // column jm of this block at c[jm * O]
-    vt a0 = load_tile<TT>(ao), a1 = {}, a2 = {}, a3 = {};  // four add chains, not one
+    vt a0 = {}, a1 = {}, a2 = {}, a3 = {};  // four add chains, not one
+    if (!first) a0 = load_tile<TT>(ao);
     int64_t jm = 0;
     for (; jm + 4 <= n; jm += 4) {
       a0 += load_tile<TT>(lut + (jm * K + static_cast<int64_t>(c[jm * O])) * TT);
@@ -260,12 +261,11 @@ void many_tokens_impl(const Loader& loader, int64_t in_flat, int64_t T, const fl
       for (int64_t p = pb; p < pe; ++p) {
         const int64_t jlo = J * p / parts, jhi = J * (p + 1) / parts;
         float* acc = part + p * O * TT;
-        std::fill(acc, acc + O * TT, 0.f);
         loader.template load<TT>(0, jlo * g, jhi * g, xtile);
         for (int64_t j0 = jlo; j0 < jhi; j0 += JB) {
           const int64_t j1 = std::min(jhi, j0 + JB);
           build_any<TT>(xtile, cb, M, K, g, j0, j1, lut);
-          gather_block<TT, code_t>(lut, (j1 - j0) * M, K, codes_t + j0 * M * O, O, 0, O, acc);
+          gather_block<TT, code_t>(lut, (j1 - j0) * M, K, codes_t + j0 * M * O, O, 0, O, acc, j0 == jlo);
         }
       }
     });
@@ -299,11 +299,10 @@ void many_tokens_impl(const Loader& loader, int64_t in_flat, int64_t T, const fl
     for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
       const int64_t t0 = tile * TT, tt = std::min<int64_t>(TT, T - t0);
       loader.template load<TT>(t0, 0, in_flat, xtile);
-      std::fill(acc, acc + (o_end - o_begin) * TT, 0.f);
       for (int64_t j0 = 0; j0 < J; j0 += JB) {
         const int64_t j1 = std::min(J, j0 + JB);
         build_any<TT>(xtile, cb, M, K, g, j0, j1, lut);
-        gather_block<TT, code_t>(lut, (j1 - j0) * M, K, codes_t + j0 * M * O, O, o_begin, o_end, acc);
+        gather_block<TT, code_t>(lut, (j1 - j0) * M, K, codes_t + j0 * M * O, O, o_begin, o_end, acc, j0 == 0);
       }
       for (int64_t o = o_begin; o < o_end; ++o) {
         const float s = scale[o], b = bias ? bias[o] : 0.f;
