@@ -149,7 +149,9 @@ inline void build_any(const float* xtile, const float* cb, int64_t M, int64_t K,
 }
 
 // acc[(o - o_begin)*TT + t] += sum over the block's columns jm < n of lut[(jm*K + codes_t[jm*O + o])*TT + t];
-// `first`: the block is the first one, so acc is written, not added to (no zero fill beforehand). Forced inline: called out of line from the row-split lambda it ran at 0.88-0.95x of the same loop
+// `first`: the block is the first one, so acc is written, not added to (no zero fill beforehand; against the
+// fill, 0.93-1.33x called back to back and 0.95-1.08x after a dequantize-then-dense product at 4-256 tokens, no
+// gain beyond noise: benchmarks/results/kernels-ab-nofill.json; kept as the simpler loop). Forced inline: called out of line from the row-split lambda it ran at 0.88-0.95x of the same loop
 // written inline (DiT-XL/2 qkv and fc1, 8-16 tokens, AMD EPYC; trial kernels_ab.py runs, not kept).
 template <int TT, typename code_t>
 __attribute__((always_inline)) inline void gather_block(const float* __restrict lut, int64_t n, int64_t K,
