@@ -151,8 +151,9 @@ inline void build_any(const float* xtile, const float* cb, int64_t M, int64_t K,
 // acc[(o - o_begin)*TT + t] += sum over the block's columns jm < n of lut[(jm*K + codes_t[jm*O + o])*TT + t];
 // `first`: the block is the first one, so acc is written, not added to (no zero fill beforehand; against the
 // fill, 0.93-1.33x called back to back and 0.95-1.08x after a dequantize-then-dense product at 4-256 tokens, no
-// gain beyond noise: benchmarks/results/kernels-ab-nofill.json; kept as the simpler loop). Forced inline: called out of line from the row-split lambda it ran at 0.88-0.95x of the same loop
-// written inline (DiT-XL/2 qkv and fc1, 8-16 tokens, AMD EPYC; trial kernels_ab.py runs, not kept).
+// gain beyond noise: benchmarks/results/kernels-ab-nofill.json; kept as the simpler loop). Forced inline: called
+// out of line from the row-split lambda it ran at 0.88-0.95x of the same loop written inline (DiT-XL/2 qkv and
+// fc1, 8-16 tokens, AMD EPYC; trial kernels_ab.py runs, not kept).
 template <int TT, typename code_t>
 __attribute__((always_inline)) inline void gather_block(const float* __restrict lut, int64_t n, int64_t K,
                                                         const code_t* __restrict co, int64_t O, int64_t o_begin,
@@ -585,6 +586,33 @@ void check(const torch::Tensor& codebooks, const torch::Tensor& codes_t, int64_t
 
 }  // namespace
 
+// many_tokens_impl for T tokens from `loader`, with the tile width that follows the token count (a 16-wide
+// tile for 4 tokens would add 12 zeros per row) and the codes' type (uint8, or int16 read as uint16)
+template <typename Loader>
+void many_tokens(const Loader& loader, int64_t in_flat, int64_t T, const torch::Tensor& codebooks,
+                 const torch::Tensor& codes_t, const torch::Tensor& scale, const float* bias, float* y,
+                 int64_t jb_groups, bool token_major) {
+  const int64_t M = codebooks.size(0), K = codebooks.size(1), g = codebooks.size(2), O = codes_t.size(1);
+  const float* cb = codebooks.data_ptr<float>();
+  const float* s = scale.data_ptr<float>();
+  auto run = [&](auto tt) {
+    constexpr int TT = decltype(tt)::value;
+    if (codes_t.scalar_type() == torch::kUInt8)
+      many_tokens_impl<TT, uint8_t>(loader, in_flat, T, cb, M, K, g, codes_t.data_ptr<uint8_t>(), O, s, bias, y,
+                                    jb_groups, token_major);
+    else
+      many_tokens_impl<TT, uint16_t>(loader, in_flat, T, cb, M, K, g,
+                                     reinterpret_cast<const uint16_t*>(codes_t.data_ptr<int16_t>()), O, s, bias, y,
+                                     jb_groups, token_major);
+  };
+  if (T <= 4)
+    run(std::integral_constant<int, 4>{});
+  else if (T <= 8)
+    run(std::integral_constant<int, 8>{});
+  else
+    run(std::integral_constant<int, 16>{});
+}
+
 // yt (out, T) = AQ weight @ xt (in_flat, T), token-contiguous in and out; codes_t (groups * M, out). With
 // `token_major`, x is (T, in_flat) and the result (T, out): a linear layer's own layout, so that the caller
 // copies neither way.
@@ -604,17 +632,7 @@ torch::Tensor aq_matmul_tokens(torch::Tensor xt, torch::Tensor codebooks, torch:
   const bool u8 = codes_t.scalar_type() == torch::kUInt8;
   const uint8_t* c8 = u8 ? codes_t.data_ptr<uint8_t>() : nullptr;
   const uint16_t* c16 = u8 ? nullptr : reinterpret_cast<const uint16_t*>(codes_t.data_ptr<int16_t>());
-  auto run = [&](auto tt) {
-    constexpr int TT = decltype(tt)::value;
-    if (u8)
-      many_tokens_impl<TT, uint8_t>(MatrixLoader{xt.data_ptr<float>(), in_flat, T, token_major}, in_flat, T, codebooks.data_ptr<float>(), M, K, g, c8, O,
-                                    scale.data_ptr<float>(), b, yt.data_ptr<float>(), jb_groups, token_major);
-    else
-      many_tokens_impl<TT, uint16_t>(MatrixLoader{xt.data_ptr<float>(), in_flat, T, token_major}, in_flat, T, codebooks.data_ptr<float>(), M, K, g, c16, O,
-                                     scale.data_ptr<float>(), b, yt.data_ptr<float>(), jb_groups, token_major);
-  };
-  // one token: the lookup path; otherwise the tile width follows the token count (a 16-wide tile
-  // for 4 tokens would add 12 zeros per row)
+  // one token: the lookup path; otherwise tiles of tokens (many_tokens)
   const int64_t code_bytes = u8 ? 1 : 2;
   if (lookup == kAuto) lookup = auto_lookup(K, code_bytes);
   TORCH_CHECK(lookup_runs(lookup, K, code_bytes), "the one-token lookup ", lookup, " (", lookup_name(lookup),
@@ -627,12 +645,10 @@ torch::Tensor aq_matmul_tokens(torch::Tensor xt, torch::Tensor codebooks, torch:
     else
       one_token_impl<uint16_t>(xt.data_ptr<float>(), in_flat, codebooks.data_ptr<float>(), M, K, g, c16, O,
                                scale.data_ptr<float>(), b, yt.data_ptr<float>(), lookup);
-  } else if (T <= 4)
-    run(std::integral_constant<int, 4>{});
-  else if (T <= 8)
-    run(std::integral_constant<int, 8>{});
-  else
-    run(std::integral_constant<int, 16>{});
+  } else {
+    many_tokens(MatrixLoader{xt.data_ptr<float>(), in_flat, T, token_major}, in_flat, T, codebooks, codes_t, scale, b,
+                yt.data_ptr<float>(), jb_groups, token_major);
+  }
   return yt;
 }
 
@@ -657,26 +673,10 @@ torch::Tensor aq_conv2d(torch::Tensor x, torch::Tensor codebooks, torch::Tensor 
   auto y = torch::empty({N, O, Ho, Wo}, x.options());
   const int64_t P = Ho * Wo;
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
-  const bool u8 = codes_t.scalar_type() == torch::kUInt8;
   for (int64_t n = 0; n < N; ++n) {
     const ConvLoader loader{x.data_ptr<float>() + n * C * H * W, H, W, kh, kw, sh, sw, ph, pw, dh, dw, Wo, P};
     float* yn = y.data_ptr<float>() + n * O * P;
-    auto run = [&](auto tt) {
-      constexpr int TT = decltype(tt)::value;
-      if (u8)
-        many_tokens_impl<TT, uint8_t>(loader, in_flat, P, codebooks.data_ptr<float>(), M, K, g,
-                                      codes_t.data_ptr<uint8_t>(), O, scale.data_ptr<float>(), b, yn, jb_groups, false);
-      else
-        many_tokens_impl<TT, uint16_t>(loader, in_flat, P, codebooks.data_ptr<float>(), M, K, g,
-                                       reinterpret_cast<const uint16_t*>(codes_t.data_ptr<int16_t>()), O,
-                                       scale.data_ptr<float>(), b, yn, jb_groups, false);
-    };
-    if (P <= 4)
-      run(std::integral_constant<int, 4>{});
-    else if (P <= 8)
-      run(std::integral_constant<int, 8>{});
-    else
-      run(std::integral_constant<int, 16>{});
+    many_tokens(loader, in_flat, P, codebooks, codes_t, scale, b, yn, jb_groups, false);
   }
   return y;
 }
@@ -688,7 +688,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("jb_groups"));
   m.def("aq_matmul_tokens", &aq_matmul_tokens, "AQ lookup-table product, token-contiguous, codes column-major",
         py::arg("xt"), py::arg("codebooks"), py::arg("codes_t"), py::arg("scale"), py::arg("bias"),
-        py::arg("jb_groups"), py::arg("one_token") = true, py::arg("lookup") = int64_t(kAuto), py::arg("token_major") = false);
+        py::arg("jb_groups"), py::arg("one_token") = true, py::arg("lookup") = int64_t(kAuto),
+        py::arg("token_major") = false);
   // lookup numbers as in enum Lookup; cpu.py names them
   m.def("one_token_lookups", [](int64_t K, int64_t code_bytes) {
         std::vector<int64_t> runs;
