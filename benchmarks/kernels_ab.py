@@ -84,21 +84,6 @@ def timeit_cold(fn, reps: int, flush: torch.Tensor) -> float:
     return sorted(ts)[len(ts) // 2] * 1e3
 
 
-def timeit_after(fns: dict, reps: int, before) -> dict[str, float]:
-    """Median ms of each function in rotating rounds (as kernels.timeit_rounds), each call right after an
-    untimed call of `before`."""
-    names, ts = list(fns), {name: [] for name in fns}
-    with torch.no_grad():
-        for r in range(reps):
-            for i in range(len(names)):
-                name = names[(r + i) % len(names)]
-                before()
-                t = time.perf_counter()
-                fns[name]()
-                ts[name].append(time.perf_counter() - t)
-    return {name: sorted(v)[len(v) // 2] * 1e3 for name, v in ts.items()}
-
-
 def compare(x: torch.Tensor, w: torch.Tensor, kcb: torch.Tensor, kscale: torch.Tensor, base: tuple, here: tuple,
             reps: int, flush: torch.Tensor | None = None, lookups: tuple[str, ...] = (),
             token_major: bool = False, disturb=None) -> dict:
@@ -135,7 +120,7 @@ def compare(x: torch.Tensor, w: torch.Tensor, kcb: torch.Tensor, kscale: torch.T
     else:
         cold_ratios = {}
     if disturb is not None:
-        mixed = {f"{k}_mixed": v for k, v in timeit_after(fns, reps, disturb).items()}
+        mixed = {f"{k}_mixed": v for k, v in timeit_rounds(fns, reps, before=disturb).items()}
         cold.update(mixed)
         cold_ratios.update({"lut_vs_base_mixed": round(mixed["base_lut_mixed"] / mixed["lut_mixed"], 3),
                             "lut_vs_fp32_mixed": round(mixed["fp32_dense_mixed"] / mixed["lut_mixed"], 3)})

@@ -102,3 +102,13 @@ def test_measure_times_a_convolution_at_each_batch():
     rows = tune.measure(reps=1, log=lambda m: None, linears={}, convs={"tiny": (8, 4)}, tokens=(1, 16, 64), warm_s=0)
     assert [(r["config"], r["batch"], r["tokens"]) for r in rows] == [
         ("1x8", 1, 16), ("1x8", 4, 64), ("2x8", 1, 16), ("2x8", 4, 64)]
+
+
+def test_timeit_rounds_runs_before_ahead_of_every_timed_call_only():
+    log = []
+    ms = tune.timeit_rounds({"a": lambda: log.append("a"), "b": lambda: log.append("b")}, 4,
+                            before=lambda: log.append("before"))
+    assert set(ms) == {"a", "b"}
+    timed = log[6:]  # three untimed warm-up calls of each function come first, without `before`
+    assert log[:6].count("before") == 0
+    assert timed.count("before") == 8 and all(timed[i] == "before" for i in range(0, 16, 2))

@@ -62,11 +62,13 @@ def warm_up(seconds: float = 3.0) -> None:
         a @ a
 
 
-def timeit_rounds(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+def timeit_rounds(fns: dict[str, Callable[[], object]], reps: int,
+                  before: Callable[[], object] | None = None) -> dict[str, float]:
     """Median ms of each function, timed in rounds: every round runs each function once, in an order
     rotated round by round. On a shared VM the host slows whole stretches of seconds (the same call
     measured 1.9x apart minutes later); timing one implementation after the other lets such a stretch
-    fall on one of them and decide the ratio, while rounds spread it over all of them."""
+    fall on one of them and decide the ratio, while rounds spread it over all of them. `before`, if given,
+    runs untimed before every timed call (benchmarks/kernels_ab.py --mixed: a product that evicts caches)."""
     names = list(fns)
     with torch.no_grad():
         for name in names:
@@ -76,6 +78,8 @@ def timeit_rounds(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, 
         for r in range(reps):
             for i in range(len(names)):
                 name = names[(r + i) % len(names)]
+                if before is not None:
+                    before()
                 t = time.perf_counter()
                 fns[name]()
                 ts[name].append(time.perf_counter() - t)
