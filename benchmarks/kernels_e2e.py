@@ -73,14 +73,11 @@ def held_mib(model) -> float:
 def case_zoo(unet: str, mode: str, n: int) -> dict:
     from diffquant.kernels import dispatch
     from diffquant.models import load
-    from diffquant.nn.layers import QuantLayer
     from diffquant.pipelines import balanced_labels, sample
 
     m, s = load("mnist-unet" if mode == "fp" else unet)
     if mode == "lut":
-        for mod in m.modules():
-            if isinstance(mod, QuantLayer) and mod.qweight.format == "additive":
-                mod.free_dense()
+        codes_only(m)
     labels = balanced_labels(n)
     rss0 = _rss_mib()
     with dispatch.force({"fp": "reference", "reference": "reference", "auto": "auto", "lut": "lut"}[mode]):
@@ -118,7 +115,6 @@ def ldm4_aq_model(seed: int = 0):
 
 def case_ldm4(mode: str, reps: int) -> dict:
     from diffquant.kernels import dispatch
-    from diffquant.nn.layers import QuantLayer
 
     if mode == "fp":
         from diffusers import UNet2DModel
@@ -126,11 +122,7 @@ def case_ldm4(mode: str, reps: int) -> dict:
         torch.manual_seed(0)  # a reproducible checksum
         model = UNet2DModel(**LDM4).eval()
     else:
-        model = ldm4_aq_model()
-        if mode in ("lut", "auto"):
-            for mod in model.modules():
-                if isinstance(mod, QuantLayer):
-                    mod.free_dense() if mode == "lut" else None
+        model = codes_only(ldm4_aq_model()) if mode == "lut" else ldm4_aq_model()
     x, t, y = torch.randn(1, 3, 64, 64), torch.tensor([500]), torch.tensor([1])
     rss0 = _rss_mib()
     force = {"fp": "reference", "reference": "reference", "auto": "auto", "lut": "lut"}[mode]
@@ -147,20 +139,26 @@ def case_ldm4(mode: str, reps: int) -> dict:
             "peak_rss_mib": round(_rss_mib(), 1), "fp32_params_left": params, "checksum": float(out.mean())}
 
 
+def codes_only(model):
+    """`model` with every AQ (additive) layer's dense copy dropped (`free_dense`): what the `lut` cases run."""
+    from diffquant.nn.layers import QuantLayer
+
+    for mod in model.modules():
+        if isinstance(mod, QuantLayer) and mod.qweight.format == "additive":
+            mod.free_dense()
+    return model
+
+
 def ldm4_same_process(rounds: int) -> dict:
     """The four LDM-4 cases in this one process, one forward of each per round in a rotated order: the
     median forward per case over `rounds`, and the ratio of FP's to each."""
     from diffusers import UNet2DModel
 
     from diffquant.kernels import dispatch
-    from diffquant.nn.layers import QuantLayer
 
     torch.manual_seed(0)
     fp = UNet2DModel(**LDM4).eval()
-    aq, aq_codes_only = ldm4_aq_model(), ldm4_aq_model()
-    for mod in aq_codes_only.modules():
-        if isinstance(mod, QuantLayer):
-            mod.free_dense()
+    aq, aq_codes_only = ldm4_aq_model(), codes_only(ldm4_aq_model())
     runs = {"fp": (fp, "reference"), "reference": (aq, "reference"), "auto": (aq, "auto"),
             "lut": (aq_codes_only, "lut")}
     x, t, y = torch.randn(1, 3, 64, 64), torch.tensor([500]), torch.tensor([1])
