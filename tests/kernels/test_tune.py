@@ -57,6 +57,22 @@ def test_user_measurement_wins_then_this_cpus_shipped_then_the_strictest(isolate
     assert set(json.loads(shipped.read_text())["cpu"]) == {"Other-1-1", "Other-2-2", cpu_key()}  # others kept
 
 
+def test_a_remembered_choice_follows_new_thresholds_and_yields_to_force(isolated, monkeypatch):
+    """Dispatch memoises its choice per shape; new thresholds (tune-kernels) and force() must still win."""
+    monkeypatch.setattr(dispatch, "_lut_ok", lambda: True)
+    monkeypatch.setattr(dispatch, "_THRESHOLDS", isolated / "shipped.json")
+    cpu_dev, shape = torch.device("cpu"), (16, 4608, 1152, 1, 256, 8)  # DiT-XL/2 fc1 1x8, bound 4.9
+    tune.store_entry(tune.user_thresholds_path(), _entry(9.0))
+    assert dispatch.choose(cpu_dev, *shape) == "reference"
+    assert dispatch.choose(cpu_dev, *shape) == "reference"  # now from the memo
+    with dispatch.force("lut"):
+        assert dispatch.choose(cpu_dev, *shape) == "lut"
+    tune.store_entry(tune.user_thresholds_path(), _entry(2.0))
+    assert dispatch.choose(cpu_dev, *shape) == "reference"  # the memo holds until told to reload
+    dispatch.reload_thresholds()
+    assert dispatch.choose(cpu_dev, *shape) == "lut"
+
+
 def test_a_broken_user_file_names_itself_and_the_fix(isolated):
     path = tune.user_thresholds_path()
     path.parent.mkdir(parents=True)

@@ -52,7 +52,8 @@ def force(impl: str):
 def forced() -> str:
     if _forced:
         return _forced[-1]
-    return _check(os.environ.get("DIFFQUANT_AQ_KERNEL", "auto"))
+    env = os.environ.get("DIFFQUANT_AQ_KERNEL")
+    return "auto" if env is None else _check(env)
 
 
 def flop_bound(out: int, in_flat: int, m: int, k: int, g: int) -> float:
@@ -111,8 +112,8 @@ def thresholds() -> dict[int, tuple[float, int]]:
 
 def reload_thresholds() -> None:
     """Read the thresholds files again on the next dispatch (after `tune-kernels` wrote one)."""
-    _cache.pop("t", None)
-    _cache.pop("t_src", None)
+    for key in ("t", "t_src", "choices"):
+        _cache.pop(key, None)
 
 
 def threshold_source() -> str:
@@ -139,10 +140,28 @@ def _lut_ok() -> bool:
 
 def choose(device: torch.device, tokens: int, out: int, in_flat: int, m: int, k: int, g: int,
            dense_cached: bool = True) -> str:
-    """The path for one product; `dense_cached` says whether the layer still holds its dense weight."""
+    """The path for one product; `dense_cached` says whether the layer still holds its dense weight.
+
+    `auto` choices are memoised per device type and shape (a sampler repeats the same few shapes
+    thousands of times; the lookup of the thresholds cost 3.4 us per product) until `reload_thresholds`."""
     impl = forced()
     if impl != "auto":
         return impl
+    choices = _cache.setdefault("choices", {})
+    key = (device.type, tokens, out, in_flat, m, k, g, dense_cached)
+    hit = choices.get(key)
+    if hit is None:
+        if len(choices) >= _MAX_CHOICES:  # shapes without end (varying token counts): keep memory bounded
+            choices.clear()
+        hit = choices[key] = _choose_auto(device, tokens, out, in_flat, m, k, g, dense_cached)
+    return hit
+
+
+_MAX_CHOICES = 4096
+
+
+def _choose_auto(device: torch.device, tokens: int, out: int, in_flat: int, m: int, k: int, g: int,
+                 dense_cached: bool) -> str:
     if device.type == "cuda":
         from diffquant.kernels import triton_kernels
 
