@@ -19,6 +19,8 @@ layer back to back, which lets a 16-21 MB fp32 weight sit in a 36 MB L3.
         --json benchmarks/results/kernels-ab-scratch.json
     python benchmarks/kernels_ab.py --base c0ae416 --tokens 4,16,64,256 --token-major \
         --json benchmarks/results/kernels-ab-tokenmajor.json
+    python benchmarks/kernels_ab.py --base HEAD --lookups --configs 1x9,1x10,1x12 \
+        --json benchmarks/results/kernels-ab-lookups-2byte.json
 """
 
 from __future__ import annotations
@@ -133,6 +135,17 @@ def compare(x: torch.Tensor, w: torch.Tensor, kcb: torch.Tensor, kscale: torch.T
             "max_rel_error": {k: float(f"{v:.2e}") for k, v in err.items()}}
 
 
+def parse_configs(ap: argparse.ArgumentParser, text: str) -> dict[str, tuple[int, int]]:
+    """'1x8,1x10' -> {'1x8': (1, 8), '1x10': (1, 10)}; a malformed entry stops with its name."""
+    configs = {}
+    for cfg in text.split(","):
+        m, _, bits = cfg.partition("x")
+        if not (m.isdigit() and bits.isdigit() and 1 <= int(m) <= 8 and 4 <= int(bits) <= 16):
+            ap.error(f"--configs: {cfg!r} is not MxB (1-8 codebooks x 4-16 bits), e.g. 1x8 or 1x10")
+        configs[cfg] = (int(m), int(bits))
+    return configs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="2d7432e", help="the revision whose kernel is the baseline")
@@ -150,7 +163,10 @@ def main() -> None:
                          "a transposed copy of the input (see compare)")
     ap.add_argument("--lookups", action="store_true",
                     help="at 1 token, also time each one-token lookup this build runs (cpu.one_token_lookups), forced")
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help="codebooks x bits per code, comma-separated (1x10: 1,024 codewords, 2-byte codes)")
     args = ap.parse_args()
+    configs = parse_configs(ap, args.configs)
     torch.set_num_threads(args.threads)
     unknown = [name for name in args.layers.split(",") if name not in LINEARS]
     if unknown:
@@ -163,7 +179,7 @@ def main() -> None:
     rows = []
     for name in args.layers.split(","):
         n_in, n_out = LINEARS[name]
-        for cfg, (m, bits) in CONFIGS.items():
+        for cfg, (m, bits) in configs.items():
             cb, codes, scale = random_aq(n_out, n_in, m, bits, 8, gen)
             kcb, rowmajor, kscale = cpu.kernel_layout(codes, cb, scale, bits)
             colmajor = cpu.cpu_layout(codes, cb, scale, bits)[1]
