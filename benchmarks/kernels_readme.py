@@ -67,6 +67,11 @@ def e2e_table(doc: dict) -> str:
         cells = [f"{m} {s:.2f} s ({same['speedup_vs_fp'][m]:.2f}x FP)" for m, s in same["forward_s"].items()]
         lines += ["", "The LDM-4 cases timed together in one process (rotated rounds; the like-for-like "
                   "comparison): " + ", ".join(cells) + "."]
+    else:
+        lines += ["", "This run timed each case in its own process only, so its ratios against FP carry the "
+                  "per-process gap described above (`reference`, the same dense products as FP, was measured "
+                  "1.29-1.33x FP that way on the EPYC, 0.99x in one process); rerun `kernels_e2e.py` on this CPU "
+                  "for the one-process figures."]
     return "\n".join(lines)
 
 
