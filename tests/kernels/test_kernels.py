@@ -69,6 +69,34 @@ def test_lut_linear_split_across_threads_equals_reference(tokens, in_flat):
     _close(y, dequant_linear(x, kcb, codes, kscale, bias))
 
 
+_FEWER_THREADS_CASE = """
+import torch
+from diffquant.kernels import cpu
+from diffquant.kernels.reference import dequant_linear
+torch.set_num_threads(3)  # three parts of the groups; OMP_THREAD_LIMIT=1 gives the kernel's region one thread
+gen = torch.Generator().manual_seed(0)
+cb, codes = torch.randn(2, 256, 8, generator=gen), torch.randint(0, 256, (131, 9, 2), generator=gen)
+scale = torch.rand(131) + 0.5
+kcb, kcodes, kscale = cpu.cpu_layout(codes, cb.half(), scale.half(), 8)
+for tokens in (2, 13):
+    x = torch.randn(tokens, 72, generator=gen)
+    y, ref = cpu.aq_linear(x, kcb, kcodes, kscale, None), dequant_linear(x, kcb, codes, kscale, None)
+    assert (y - ref).abs().max() <= 1e-4 * ref.abs().max() + 1e-5, float((y - ref).abs().max())
+print("ok")
+"""
+
+
+@needs_lut
+def test_group_split_is_right_when_the_region_gets_fewer_threads_than_parts():
+    """The group split sizes its parts by torch's thread count, but its OpenMP region can get fewer threads (a
+    call nested in another parallel region, a thread limit): each thread then takes several parts. A fresh
+    process, since the limit is read when OpenMP starts."""
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    r = subprocess.run([sys.executable, "-c", _FEWER_THREADS_CASE], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
 @needs_lut
 @pytest.mark.parametrize("out,in_flat,m,bits,g", [(37, 48, 2, 8, 8), (300, 1000, 2, 8, 8), (129, 549, 3, 10, 9),
                                                   (17, 1024, 1, 8, 8), (1, 16, 1, 1, 16), (45, 64, 2, 4, 8),

@@ -45,8 +45,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <exception>
 #include <type_traits>
 #include <vector>
+
+#include <omp.h>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -258,37 +261,51 @@ void many_tokens_impl(const Loader& loader, int64_t in_flat, int64_t T, const fl
   if (split_groups) {  // T <= TT: the one tile holds every token
     const int64_t parts = nth;
     float* __restrict part = scratch(kParts, parts * O * TT);
-    at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
-      float* const lut = scratch(kTableBlock, JB * M * K * TT);
-      float* const xtile = scratch(kXTile, in_flat * TT);
-      for (int64_t p = pb; p < pe; ++p) {
-        const int64_t jlo = J * p / parts, jhi = J * (p + 1) / parts;
-        float* acc = part + p * O * TT;
-        loader.template load<TT>(0, jlo * g, jhi * g, xtile);
-        for (int64_t j0 = jlo; j0 < jhi; j0 += JB) {
-          const int64_t j1 = std::min(jhi, j0 + JB);
-          build_any<TT>(xtile, cb, M, K, g, j0, j1, lut);
-          gather_block<TT, code_t>(lut, (j1 - j0) * M, K, codes_t + j0 * M * O, O, 0, O, acc, j0 == jlo);
+    // One OpenMP region with a barrier between the parts and their sum, not two parallel_for regions: at 2-16
+    // tokens the call is tens of microseconds, and the second fork-join was a visible share of it. Written so
+    // that any number of threads is correct (a nested call gets one): thread i takes parts i, i + n, ...,
+    // then rows by thread. Exceptions (out of memory in scratch) are carried out of the region.
+    std::exception_ptr error;
+#pragma omp parallel num_threads(static_cast<int>(parts))
+    {
+      const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+      try {
+        float* const lut = scratch(kTableBlock, JB * M * K * TT);
+        float* const xtile = scratch(kXTile, in_flat * TT);
+        for (int64_t p = id; p < parts; p += nt) {
+          const int64_t jlo = J * p / parts, jhi = J * (p + 1) / parts;
+          float* acc = part + p * O * TT;
+          loader.template load<TT>(0, jlo * g, jhi * g, xtile);
+          for (int64_t j0 = jlo; j0 < jhi; j0 += JB) {
+            const int64_t j1 = std::min(jhi, j0 + JB);
+            build_any<TT>(xtile, cb, M, K, g, j0, j1, lut);
+            gather_block<TT, code_t>(lut, (j1 - j0) * M, K, codes_t + j0 * M * O, O, 0, O, acc, j0 == jlo);
+          }
+        }
+      } catch (...) {
+#pragma omp critical
+        if (!error) error = std::current_exception();
+      }
+#pragma omp barrier
+      // the parts' sums, scaled and biased, a TT-wide vector per row (in perf, a scalar loop here took
+      // about a fifth of the kernel's time at 16 tokens)
+      if (!error) {
+        using vt = typename Tile<TT>::v;
+        for (int64_t o = O * id / nt; o < O * (id + 1) / nt; ++o) {
+          vt sum = load_tile<TT>(part + o * TT);
+          for (int64_t p = 1; p < parts; ++p) sum += load_tile<TT>(part + (p * O + o) * TT);
+          sum = sum * scale[o] + (bias ? bias[o] : 0.f);
+          if (token_major) {
+            for (int64_t t = 0; t < T; ++t) yt[t * O + o] = sum[t];
+          } else if (T == TT) {
+            store_tile<TT>(yt + o * T, sum);
+          } else {
+            for (int64_t t = 0; t < T; ++t) yt[o * T + t] = sum[t];
+          }
         }
       }
-    });
-    // the parts' sums, scaled and biased, a TT-wide vector per row (in perf, a scalar loop here took
-    // about a fifth of the kernel's time at 16 tokens)
-    at::parallel_for(0, O, 64, [&](int64_t ob, int64_t oe) {
-      using vt = typename Tile<TT>::v;
-      for (int64_t o = ob; o < oe; ++o) {
-        vt sum = load_tile<TT>(part + o * TT);
-        for (int64_t p = 1; p < parts; ++p) sum += load_tile<TT>(part + (p * O + o) * TT);
-        sum = sum * scale[o] + (bias ? bias[o] : 0.f);
-        if (token_major) {
-          for (int64_t t = 0; t < T; ++t) yt[t * O + o] = sum[t];
-        } else if (T == TT) {
-          store_tile<TT>(yt + o * T, sum);
-        } else {
-          for (int64_t t = 0; t < T; ++t) yt[o * T + t] = sum[t];
-        }
-      }
-    });
+    }
+    if (error) std::rethrow_exception(error);
     return;
   }
   // parallel over token tiles when there are enough, otherwise over output rows (each thread then
