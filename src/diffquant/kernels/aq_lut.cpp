@@ -262,7 +262,10 @@ void many_tokens_impl(const Loader& loader, int64_t in_flat, int64_t T, const fl
     const int64_t parts = nth;
     float* __restrict part = scratch(kParts, parts * O * TT);
     // One OpenMP region with a barrier between the parts and their sum, not two parallel_for regions: at 2-16
-    // tokens the call is tens of microseconds, and the second fork-join was a visible share of it. Written so
+    // tokens the call is tens of microseconds: against the two regions, 0.88-1.38x called back to back and
+    // 0.97-1.14x after a dequantize-then-dense product, median 1.03x / 1.02x, at 2-16 tokens on DiT-XL/2 proj and
+    // fc2, LDM-4's 960 and SD-1.5's 1280 linears, 1x8 and 2x8 (benchmarks/kernels_ab.py --base fbf408d --mixed,
+    // benchmarks/results/kernels-ab-oneregion.json, AMD EPYC): a small gain. Written so
     // that any number of threads is correct (a nested call gets one): thread i takes parts i, i + n, ...,
     // then rows by thread. Exceptions (out of memory in scratch) are carried out of the region.
     std::exception_ptr error;
