@@ -1,12 +1,15 @@
-"""Does dispatch pick the faster path for each AQ layer inside a whole model?
+"""Does dispatch pick the faster path for each AQ layer inside a whole model, with the thresholds and when tuned in
+place?
 
 The thresholds dispatch reads (`kernels/thresholds.json`) come from layers timed alone (`benchmarks/kernels.py`).
-In a model each layer runs between others, which evict its weights and working memory. This script times every AQ
-layer in place, with forward hooks, under each path forced in turn (`reference`: dense; `lut`: the lookup
-kernel), in rotated rounds in one process, records the path `auto` picks for the layer, and reports:
-- per layer: both times, dispatch's pick and the faster path (a tie when within `--tie`);
-- the layers' summed time with dispatch's picks, with the faster path of each (the oracle), all dense and all
-  lookup.
+In a model each layer runs between others, which evict its weights and working memory. Per model this script
+1. times every AQ layer in place (`kernels.in_place.measure`: hooks, `reference` and `lut` forced in turn, rotated
+   rounds in one process) and records the path the thresholds pick (`auto`, no shapes measured in place);
+2. makes the in-place choices from that measurement (`in_place.choose_per_shape`, what
+   `diffquant tune-kernels --model` stores);
+3. measures again, and scores both sets of picks on this second measurement: layers where the pick is the faster
+   path (a tie within `--tie` counts for either), and the layers' summed time against the per-layer oracle;
+4. times whole forwards, in rotated rounds: `auto` with the thresholds only, and `auto` with the in-place choices.
 
 Models: the zoo's AQ W2A8 U-Net (one guided forward at batch `-n`, as in sampling) and the randomly initialised
 LDM-4-shaped AQ denoiser of `kernels_e2e.py` (one forward at batch 1). Both keep their dense copies, so either path
@@ -26,98 +29,43 @@ from pathlib import Path
 import torch
 
 from diffquant.io_utils import write_json
-from diffquant.kernels import dispatch
-from diffquant.nn.layers import QuantLayer
+from diffquant.kernels import dispatch, in_place
 from diffquant.provenance import provenance
 
-PATHS = ("reference", "lut")
+
+def score(rows: list[dict], pick: dict[str, str], tie: float) -> dict:
+    """How `pick` (layer -> path) does on `rows` (a measurement): right picks and summed time against the oracle."""
+    right = ties = 0
+    for r in rows:
+        ratio = r["reference_ms"] / r["lut_ms"]
+        if abs(ratio - 1) <= tie:
+            ties += 1
+        elif (pick[r["layer"]] == "lut") == (ratio > 1):
+            right += 1
+    picked = in_place.summed_ms(rows, lambda r: pick[r["layer"]])
+    oracle = in_place.summed_ms(rows, lambda r: "lut" if r["lut_ms"] < r["reference_ms"] else "reference")
+    return {"layers_on_lookup": sum(v == "lut" for v in pick.values()), "decided": len(rows) - ties,
+            "picked_the_faster": right, "sum_ms": round(picked, 3), "oracle_ms": round(oracle, 3),
+            "over_oracle": round(picked / oracle, 3)}
 
 
-def aq_layers(model) -> dict[str, QuantLayer]:
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, QuantLayer) and m.qweight.format == "additive"}
-
-
-def time_layers(model, forward, rounds: int) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
-    """Median in-place time (ms) of every AQ layer under each forced path, and the path `auto` picks per layer."""
-    layers = aq_layers(model)
-    times: dict[str, dict[str, list[float]]] = {n: {p: [] for p in PATHS} for n in layers}
-    picks: dict[str, str] = {}
-    state = {"mode": None, "t0": 0.0, "layer": None}
-
-    def pre(name):
-        def hook(mod, args):
-            state["layer"] = name
-            state["t0"] = time.perf_counter()
-        return hook
-
-    def post(name):
-        def hook(mod, args, out):
-            dt = (time.perf_counter() - state["t0"]) * 1e3
-            if state["mode"] in PATHS:
-                times[name][state["mode"]].append(dt)
-        return hook
-
-    real_choose = dispatch.choose
-
-    def recording_choose(device, *shape, **kw):
-        impl = real_choose(device, *shape, **kw)
-        if state["mode"] == "auto":
-            picks[state["layer"]] = impl
-        return impl
-
-    handles = [h for n, m in layers.items()
-               for h in (m.register_forward_pre_hook(pre(n)), m.register_forward_hook(post(n)))]
-    dispatch.choose = recording_choose
-    try:
-        with torch.no_grad():
-            for mode in (*PATHS, "auto"):  # warm-up (kernel layouts prepared), then auto's picks
-                state["mode"] = mode
-                with dispatch.force(mode):
-                    forward()
-            for r in range(rounds):
-                for mode in PATHS[r % 2:] + PATHS[:r % 2]:
-                    state["mode"] = mode
-                    with dispatch.force(mode):
-                        forward()
-    finally:
-        dispatch.choose = real_choose
-        for h in handles:
-            h.remove()
-    for n in layers:  # warm-up calls are not in the lists (mode was set, so drop the first of each)
-        for p in PATHS:
-            times[n][p] = times[n][p][1:]
-    return ({n: {p: statistics.median(v) for p, v in t.items()} for n, t in times.items()},
-            {n: picks.get(n, "reference") for n in layers})
-
-
-def summarize(model_name: str, model, med: dict, picks: dict, tie: float) -> tuple[list[dict], dict]:
-    layers = aq_layers(model)
-    rows, right, ties = [], 0, 0
-    for n, t in med.items():
-        faster = min(PATHS, key=lambda p: t[p])
-        ratio = t["reference"] / t["lut"]
-        tied = abs(ratio - 1) <= tie
-        pick = picks[n]
-        ok = tied or pick == faster
-        right += ok and not tied
-        ties += tied
-        q = layers[n].qweight
-        rows.append({"model": model_name, "layer": n, "shape": list(q.shape), "config": str(q.meta()["spec"]),
-                     "reference_ms": round(t["reference"], 4), "lut_ms": round(t["lut"], 4),
-                     "lut_speedup": round(ratio, 3), "auto_pick": pick, "faster": "tie" if tied else faster,
-                     "pick_ok": ok})
-    total = {p: sum(t[p] for t in med.values()) for p in PATHS}
-    auto = sum(med[n][picks[n]] for n in med)
-    oracle = sum(min(t.values()) for t in med.values())
-    decided = len(med) - ties
-    summary = {"model": model_name, "aq_layers": len(med), "ties": ties, "decided": decided,
-               "picked_the_faster": right, "auto_lut_layers": sum(p == "lut" for p in picks.values()),
-               "oracle_lut_layers": sum(t["lut"] < t["reference"] for t in med.values()),
-               "sum_ms": {"reference": round(total["reference"], 3), "lut": round(total["lut"], 3),
-                          "auto": round(auto, 3), "oracle": round(oracle, 3)},
-               "auto_over_oracle": round(auto / oracle, 3)}
-    return rows, summary
+def forwards(forward, choices: dict, rounds: int) -> dict:
+    """Median whole-forward time (s) with the thresholds only and with the in-place choices, rotated rounds."""
+    modes = {"thresholds": {}, "in_place": choices}
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    names = list(modes)
+    with torch.no_grad():
+        for r in range(rounds + 1):
+            for mode in names[r % 2:] + names[:r % 2]:
+                dispatch.set_shape_choices(modes[mode])
+                t0 = time.perf_counter()
+                forward()
+                if r:  # the first round warms up
+                    times[mode].append(time.perf_counter() - t0)
+    dispatch.set_shape_choices({})
+    med = {m: statistics.median(v) for m, v in times.items()}
+    return {"forward_s": {m: round(v, 4) for m, v in med.items()},
+            "in_place_speedup": round(med["thresholds"] / med["in_place"], 3)}
 
 
 def zoo(unet: str, n: int):
@@ -126,8 +74,7 @@ def zoo(unet: str, n: int):
 
     model, _ = load(unet)
     meta = meta_of(model)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(n, *latent_shape(model), generator=gen)
+    x = torch.randn(n, *latent_shape(model), generator=torch.Generator().manual_seed(0))
     t, labels = torch.full((n,), 500, dtype=torch.long), balanced_labels(n)
     return model, lambda: guided_output(model, x, t, labels, meta.guidance_scale, meta.null_class)
 
@@ -145,7 +92,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--unet", default="runs/unet-aq-w2a8", help="a saved AQ W2A8 mnist-unet folder")
     ap.add_argument("-n", type=int, default=64, help="zoo batch (images; guidance doubles it)")
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=5, help="rounds per layer measurement")
+    ap.add_argument("--forward-rounds", type=int, default=7, help="rounds of whole forwards")
     ap.add_argument("--tie", type=float, default=0.05, help="paths within this fraction of each other tie")
     ap.add_argument("--only", choices=("zoo", "ldm4"), default=None)
     ap.add_argument("--json", type=Path, default=None)
@@ -157,27 +105,34 @@ def main() -> None:
 
     if not cpu.available():
         sys.exit("error: the lookup-table kernel did not build here (a C++ compiler and ninja are needed)")
+    dispatch.set_shape_choices({})  # the thresholds alone, whatever this user stored
+    source = dispatch.threshold_source()
     t0, rows, summaries = time.time(), [], []
     for name in ("zoo", "ldm4"):
         if args.only not in (None, name):
             continue
         model, forward = zoo(args.unet, args.n) if name == "zoo" else ldm4()
-        med, picks = time_layers(model, forward, args.rounds)
-        r, s = summarize(name, model, med, picks, args.tie)
-        rows += r
+        first = in_place.measure(model, forward, args.rounds)
+        choices = in_place.choose_per_shape(first)
+        second = in_place.measure(model, forward, args.rounds)
+        thr = {r["layer"]: r["auto_pick"] for r in first}
+        tuned = {r["layer"]: choices[tuple(r["key"])] for r in first}
+        s = {"model": name, "aq_layers": len(second), "shapes": len(choices),
+             "thresholds": score(second, thr, args.tie), "in_place": score(second, tuned, args.tie),
+             **forwards(forward, choices, args.forward_rounds)}
         summaries.append(s)
-        ms = s["sum_ms"]
-        print(f"{name}: {s['aq_layers']} AQ layers, {s['ties']} ties; dispatch picked the faster path in "
-              f"{s['picked_the_faster']} of {s['decided']}; lookup picked {s['auto_lut_layers']}, faster in "
-              f"{s['oracle_lut_layers']}. Summed layer time: dense {ms['reference']:.1f} ms, lookup {ms['lut']:.1f}, "
-              f"dispatch {ms['auto']:.1f}, oracle {ms['oracle']:.1f} ({s['auto_over_oracle']:.2f}x oracle)", flush=True)
-        for row in r:
-            if not row["pick_ok"]:
-                print(f"   {row['layer']:48s} {row['shape']} dense {row['reference_ms']:.3f} ms, lookup "
-                      f"{row['lut_ms']:.3f} ms ({row['lut_speedup']:.2f}x); dispatch picked {row['auto_pick']}")
-    result = {"provenance": provenance(), "threads": torch.get_num_threads(), "rounds": args.rounds, "tie": args.tie,
-              "threshold_source": dispatch.threshold_source(), "wall_s": round(time.time() - t0, 1),
-              "summary": summaries, "rows": rows}
+        for r in second:
+            rows.append({"model": name, **r, "threshold_pick": thr[r["layer"]], "in_place_pick": tuned[r["layer"]]})
+        a, b = s["thresholds"], s["in_place"]
+        print(f"{name}: {s['aq_layers']} AQ layers, {s['shapes']} shapes. Picked the faster path in "
+              f"{a['picked_the_faster']} of {a['decided']} decided layers with the thresholds, "
+              f"{b['picked_the_faster']} tuned in place; summed layer time {a['sum_ms']:.1f} / {b['sum_ms']:.1f} ms "
+              f"({a['over_oracle']:.2f}x / {b['over_oracle']:.2f}x the oracle); lookup in {a['layers_on_lookup']} / "
+              f"{b['layers_on_lookup']} layers. Whole forward {s['forward_s']['thresholds']:.3f} s -> "
+              f"{s['forward_s']['in_place']:.3f} s ({s['in_place_speedup']:.2f}x)", flush=True)
+    result = {"provenance": provenance(), "threads": torch.get_num_threads(), "rounds": args.rounds,
+              "forward_rounds": args.forward_rounds, "tie": args.tie, "threshold_source": source,
+              "wall_s": round(time.time() - t0, 1), "summary": summaries, "rows": rows}
     if args.json:
         write_json(args.json, result)
         print(f"wrote {args.json}")

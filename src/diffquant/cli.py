@@ -400,22 +400,38 @@ def recipes():
 @click.option("--out", default=None, type=click.Path(path_type=Path),
               help="thresholds file to write [default: the user's kernel cache, which dispatch reads]")
 @click.option("--show", is_flag=True, help="print the thresholds in effect and where they come from; measure nothing")
-def tune_kernels(quick, reps, out, show):
+@click.option("--model", "model_dir", default=None,
+              help="instead, time every AQ layer of this quantized model in place, on both paths, at --batch, and "
+                   "store the faster path per layer shape and token count (they override the thresholds)")
+@click.option("--batch", default=64, show_default=True, help="with --model: images per forward (as in sampling)")
+@click.option("--rounds", default=5, show_default=True, help="with --model: timed forwards per path (median)")
+def tune_kernels(quick, reps, out, show, model_dir, batch, rounds):
     """Measure where the CPU lookup-table kernel beats fp32 dense on this machine, for AQ dispatch.
 
     Which path is faster depends on the CPU (on an AMD EPYC the lookup won at many tokens where an Intel
     Xeon's MKL did not), so AQ layers use thresholds measured on this microarchitecture when there are
     any: this command's, then the ones shipped for this CPU, then the strictest shipped ones.
+    With --model, the layers of one model are timed where they run, between the others (which evicts their
+    weights from cache) and at the model's batch: the choices made from that win over the thresholds.
 
     \b
     Example:
       diffquant tune-kernels --quick
+      diffquant tune-kernels --model runs/unet-aq-w2a8 --batch 64
       diffquant tune-kernels --show
     """
     from diffquant.kernels import cpu, dispatch, tune
     from diffquant.provenance import cpu_key, cpu_model, git_commit
 
-    if not show:
+    if model_dir is not None and not show:
+        if not cpu.available():
+            raise ValueError("the CPU lookup-table kernel could not be built here (install g++ and ninja); "
+                             "AQ layers use the reference path, so there is nothing to tune")
+        if batch < 1 or rounds < 1:
+            raise ValueError(f"--batch and --rounds must be at least 1 (got {batch} and {rounds})")
+        _tune_in_place(model_dir, batch, rounds, out or tune.user_thresholds_path())
+        dispatch.reload_thresholds()
+    elif not show:
         if not cpu.available():
             raise ValueError("the CPU lookup-table kernel could not be built here (install g++ and ninja); "
                              "AQ layers use the reference path, so there is nothing to tune")
@@ -432,6 +448,41 @@ def tune_kernels(quick, reps, out, show):
     for n, (bound, elems) in sorted(dispatch.thresholds().items()):
         rule = "dense always" if bound >= 1e9 else f"lookup when FLOP bound >= {bound:g} and in*out >= {elems:,}"
         click.echo(f"  {n:5d} tokens: {rule}")
+
+
+def _tune_in_place(model_dir: str, batch: int, rounds: int, path: Path) -> None:
+    """`tune-kernels --model`: one guided forward at `batch` (mid-trajectory timestep) is the workload."""
+    import torch
+
+    from diffquant.kernels import in_place, tune
+    from diffquant.models import load
+    from diffquant.pipelines import balanced_labels, guided_output, latent_shape, meta_of
+    from diffquant.provenance import cpu_model, git_commit
+
+    model, sched = load(model_dir)
+    if not in_place.aq_layers(model):
+        raise ValueError(f"{model_dir} has no additive-codebook (AQ) layers, so there is no kernel to choose; "
+                         "quantize it with an AQ recipe first (e.g. `diffquant quantize mnist-unet --recipe aq-w2a8`)")
+    meta = meta_of(model)
+    x = torch.randn(batch, *latent_shape(model), generator=torch.Generator().manual_seed(0))
+    t = torch.full((batch,), sched.config.num_train_timesteps // 2, dtype=torch.long)
+    labels = balanced_labels(batch)
+    click.echo(f"timing {len(in_place.aq_layers(model))} AQ layers of {model_dir} in place, batch {batch}, "
+               f"{rounds} rounds per path", err=True)
+    t0 = time.time()
+    rows = in_place.measure(model, lambda: guided_output(model, x, t, labels, meta.guidance_scale, meta.null_class),
+                            rounds, progress=lambda r, n: click.echo(f"  round {r}/{n}", err=True))
+    choices = in_place.choose_per_shape(rows)
+    before = in_place.summed_ms(rows, lambda r: "lut" if r["auto_pick"] == "lut" else "reference")
+    after = in_place.summed_ms(rows, lambda r: choices[tuple(r["key"])])
+    n = tune.store_shape_choices(path, rows, choices, {
+        "source": "diffquant tune-kernels --model", "model": str(model_dir), "batch": batch, "commit": git_commit(),
+        "machine": cpu_model(), "wall_s": round(time.time() - t0, 1)})
+    changed = sum((r["auto_pick"] == "lut") != (choices[tuple(r["key"])] == "lut") for r in rows)
+    click.echo(f"{len(choices)} shapes ({sum(v == 'lut' for v in choices.values())} on the lookup); "
+               f"{changed} of {len(rows)} layers change path; their summed time in this measurement "
+               f"{before:.1f} ms with the thresholds, {after:.1f} ms with these choices")
+    click.echo(f"wrote {path} ({n} shape choices for this CPU)")
 
 
 if __name__ == "__main__":

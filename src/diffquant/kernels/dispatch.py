@@ -13,7 +13,8 @@ the break-even measured by
 `benchmarks/kernels.py` for the nearest token count, per CPU: which path wins depends on the
 microarchitecture (`thresholds()`; `diffquant tune-kernels` measures the user's own machine, the
 benchmark's `--write-thresholds` refreshes the shipped entry): small layers lose to per-call costs
-whatever their bound. Force one
+whatever their bound. Shapes measured inside a model (`kernels.in_place`, `diffquant tune-kernels --model`)
+override the thresholds for layers that hold their dense copy. Force one
 with the environment variable DIFFQUANT_AQ_KERNEL=reference|lut|triton or `with force("lut"):`; a
 forced path that cannot run (no compiler, no GPU) raises, an `auto` one falls back to `reference`.
 """
@@ -112,13 +113,48 @@ def thresholds() -> dict[int, tuple[float, int]]:
 
 def reload_thresholds() -> None:
     """Read the thresholds files again on the next dispatch (after `tune-kernels` wrote one)."""
-    for key in ("t", "t_src", "choices"):
+    for key in ("t", "t_src", "choices", "shapes"):
         _cache.pop(key, None)
+
+
+def shape_choices() -> dict[tuple, str]:
+    """{(tokens, out, in_flat, M, K, g): path} measured in place in a model on this CPU (`kernels.in_place`;
+    `diffquant tune-kernels --model DIR` stores them in the user's thresholds file): they win over the
+    thresholds for layers that hold their dense copy."""
+    if "shapes" not in _cache:
+        from diffquant.kernels.tune import user_thresholds_path
+        from diffquant.provenance import cpu_key
+
+        path = user_thresholds_path()
+        data = {}
+        if path.exists():
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not a kernel-thresholds file ({e}); delete it, or measure this "
+                                 "machine again with `diffquant tune-kernels`") from None
+        rows = data.get("shapes", {}).get(cpu_key(), {}).get("choices", [])
+        _cache["shapes"] = {tuple(r["key"]): r["impl"] for r in rows}
+    return _cache["shapes"]
+
+
+def set_shape_choices(choices: dict[tuple, str] | None) -> None:
+    """Use `choices` (from `in_place.choose_per_shape`) for this process instead of the stored ones; None reads
+    the stored ones again. Forgets remembered choices."""
+    _cache.pop("choices", None)
+    if choices is None:
+        _cache.pop("shapes", None)
+    else:
+        bad = sorted({v for v in choices.values()} - {"reference", "lut"})
+        if bad:
+            raise ValueError(f"shape choices must be 'reference' or 'lut', not {', '.join(map(repr, bad))}")
+        _cache["shapes"] = {tuple(k): v for k, v in choices.items()}
 
 
 def threshold_source() -> str:
     thresholds()
-    return _cache["t_src"]
+    n = len(shape_choices())
+    return _cache["t_src"] + (f"; {n} shapes measured in place" if n else "")
 
 
 def gpu_max_tokens() -> int:
@@ -170,6 +206,10 @@ def _choose_auto(device: torch.device, tokens: int, out: int, in_flat: int, m: i
         return "triton" if not dense_cached or tokens <= gpu_max_tokens() else "reference"
     if device.type != "cpu" or not _lut_ok():
         return "reference"
+    if dense_cached:
+        measured = shape_choices().get((tokens, out, in_flat, m, k, g))
+        if measured is not None:
+            return measured
     t = thresholds()
     nearest = min(t, key=lambda n: abs(n - tokens) / max(n, tokens))
     min_bound, min_elems = t[nearest]

@@ -193,3 +193,27 @@ def store_entry(path: Path, entry: dict, key: str | None = None) -> None:
     data.setdefault("cpu", {})[key or cpu_key()] = entry
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, data)
+
+
+def store_shape_choices(path: Path, rows: list[dict], choices: dict[tuple, str], meta: dict) -> int:
+    """Add in-place measured choices (`in_place.choose_per_shape` of `rows`) to this CPU's section "shapes" of
+    `path`, replacing earlier choices for the same keys and keeping the rest (models tuned before, the thresholds);
+    atomic. Returns how many choices the CPU now has."""
+    from diffquant.io_utils import write_json
+    from diffquant.provenance import cpu_key
+
+    data = json.loads(path.read_text()) if path.exists() else {}
+    section = data.setdefault("shapes", {}).setdefault(cpu_key(), {"choices": []})
+    summed: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        t = summed.setdefault(tuple(r["key"]), {"reference_ms": 0.0, "lut_ms": 0.0})
+        t["reference_ms"] += r["reference_ms"]
+        t["lut_ms"] += r["lut_ms"]
+    kept = [c for c in section["choices"] if tuple(c["key"]) not in choices]
+    new = [{"key": list(k), "impl": v, **{n: round(ms, 4) for n, ms in summed[k].items()}}
+           for k, v in choices.items()]
+    section.update(meta)
+    section["choices"] = kept + new
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, data)
+    return len(section["choices"])

@@ -100,13 +100,27 @@ class QuantConv2d(QuantLayer):
         self.dilation, self.groups = tuple(geo["dilation"]), geo["groups"]
         self.padding = tuple(self.padding) if isinstance(self.padding, list) else self.padding
 
+    def tokens(self, x: torch.Tensor) -> int:
+        """Batch x output pixels: the token count the kernel benchmark and the thresholds measured from it
+        give a convolution (its dense path is one product over the whole batch)."""
+        if isinstance(self.padding, str):  # 'same' (stride 1) or 'valid'
+            pad = (0, 0) if self.padding == "valid" else None
+        else:
+            pad = self.padding if isinstance(self.padding, tuple) else (self.padding, self.padding)
+        kh, kw = self.qweight.shape[2:]
+        if pad is None:
+            return x.shape[0] * x.shape[-2] * x.shape[-1]
+        ho = (x.shape[-2] + 2 * pad[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        wo = (x.shape[-1] + 2 * pad[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        return x.shape[0] * max(ho, 0) * max(wo, 0)
+
     def geometry(self) -> dict:
         return {"stride": list(self.stride), "dilation": list(self.dilation), "groups": self.groups,
                 "padding": list(self.padding) if isinstance(self.padding, tuple) else self.padding}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._input(x)
-        impl = "dense" if self.groups != 1 or x.dim() != 4 else self._aq_impl(x, x.shape[-1] * x.shape[-2])
+        impl = "dense" if self.groups != 1 or x.dim() != 4 else self._aq_impl(x, self.tokens(x))
         if impl == "lut" and not isinstance(self.padding, str):
             from diffquant.kernels.cpu import aq_conv2d
 
