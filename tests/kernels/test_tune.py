@@ -73,6 +73,20 @@ def test_a_remembered_choice_follows_new_thresholds_and_yields_to_force(isolated
     assert dispatch.choose(cpu_dev, *shape) == "lut"
 
 
+def test_fewer_codewords_than_measured_stay_dense_unless_measured_in_place(isolated, monkeypatch):
+    """The thresholds were measured at 256 codewords; a 2x4 convolution's FLOP bound (2.1) is no evidence."""
+    monkeypatch.setattr(dispatch, "_lut_ok", lambda: True)
+    monkeypatch.setattr(dispatch, "_THRESHOLDS", isolated / "shipped.json")
+    tune.store_entry(tune.user_thresholds_path(), {"min_flop_bound": {"4096": 1.0}, "min_weight_elems": {"4096": 0}})
+    cpu_dev = torch.device("cpu")
+    assert dispatch.measured_min_k() == 256
+    assert dispatch.flop_bound(128, 1152, 2, 16, 9) > 2
+    assert dispatch.choose(cpu_dev, 2048, 128, 1152, 2, 16, 9) == "reference"
+    assert dispatch.choose(cpu_dev, 2048, 4608, 1152, 1, 256, 8) == "lut"  # DiT fc1 1x8, bound 5.5
+    dispatch.set_shape_choices({(2048, 128, 1152, 2, 16, 9): "lut"})
+    assert dispatch.choose(cpu_dev, 2048, 128, 1152, 2, 16, 9) == "lut"
+
+
 def test_a_broken_user_file_names_itself_and_the_fix(isolated):
     path = tune.user_thresholds_path()
     path.parent.mkdir(parents=True)
@@ -96,15 +110,15 @@ def test_the_build_depends_on_the_cpus_instruction_sets(monkeypatch):
 def test_measure_and_the_cli_write_thresholds_dispatch_then_reads(isolated, monkeypatch):
     rows = tune.measure(reps=1, log=lambda m: None, linears={"small": (64, 48)}, convs={}, tokens=(1, 16), warm_s=0)
     assert len(rows) == 4 and all(r["median_ms"] > 0 and r["fp32_ms"] > 0 for r in rows)
-    # the CLI on measurements where a 64x64 layer won at 16 tokens: dispatch must then pick the lookup for
-    # it, which the shipped thresholds never do for so small a layer
-    assert dispatch.choose(torch.device("cpu"), 16, 64, 64, 1, 2, 16) == "reference"
-    monkeypatch.setattr(tune, "measure", lambda **kw: _rows([(0.5, 64, 64, 2.0)]))
+    # the CLI on measurements where a 64x64 layer (1x8, g 16: bound 0.25) won at 16 tokens: dispatch must then
+    # pick the lookup for it, which the shipped thresholds never do for so small a layer
+    assert dispatch.choose(torch.device("cpu"), 16, 64, 64, 1, 256, 16) == "reference"
+    monkeypatch.setattr(tune, "measure", lambda **kw: _rows([(0.2, 64, 64, 2.0)]))
     res = CliRunner().invoke(main, ["tune-kernels", "--quick"])
     assert res.exit_code == 0, res.output
     assert "measured on this machine" in res.output
     assert cpu_key() in json.loads(tune.user_thresholds_path().read_text())["cpu"]
-    assert dispatch.choose(torch.device("cpu"), 16, 64, 64, 1, 2, 16) == "lut"
+    assert dispatch.choose(torch.device("cpu"), 16, 64, 64, 1, 256, 16) == "lut"
 
 
 def test_convolutions_are_timed_at_batches_that_reach_the_linears_token_counts():

@@ -13,7 +13,8 @@ the break-even measured by
 `benchmarks/kernels.py` for the nearest token count, per CPU: which path wins depends on the
 microarchitecture (`thresholds()`; `diffquant tune-kernels` measures the user's own machine, the
 benchmark's `--write-thresholds` refreshes the shipped entry): small layers lose to per-call costs
-whatever their bound. Shapes measured inside a model (`kernels.in_place`, `diffquant tune-kernels --model`)
+whatever their bound, and layers with fewer codewords than the benchmark measured (`measured_min_k`) stay dense.
+Shapes measured inside a model (`kernels.in_place`, `diffquant tune-kernels --model`)
 override the thresholds for layers that hold their dense copy. Force one
 with the environment variable DIFFQUANT_AQ_KERNEL=reference|lut|triton or `with force("lut"):`; a
 forced path that cannot run (no compiler, no GPU) raises, an `auto` one falls back to `reference`.
@@ -166,6 +167,17 @@ def gpu_max_tokens() -> int:
     return _cache["gpu"]
 
 
+def measured_min_k() -> int:
+    """The fewest codewords the thresholds were measured with (`tune.CONFIGS`: 1x8 and 2x8, 256). Below it the FLOP
+    bound is not evidence: with few codewords the gather-sum's loads dominate, and each costs more than the dense
+    product's multiply-add, so the zoo U-Net's 2x4 convolutions (16 codewords, bound 2.1) ran at 0.45x dense in place
+    while the thresholds picked the lookup (`benchmarks/dispatch_accuracy.py`). Such layers stay dense unless
+    measured in place (`shape_choices`)."""
+    from diffquant.kernels.tune import CONFIGS
+
+    return min(1 << bits for _, bits in CONFIGS.values())
+
+
 def _lut_ok() -> bool:
     if "lut" not in _cache:
         from diffquant.kernels import cpu
@@ -210,6 +222,8 @@ def _choose_auto(device: torch.device, tokens: int, out: int, in_flat: int, m: i
         measured = shape_choices().get((tokens, out, in_flat, m, k, g))
         if measured is not None:
             return measured
+    if k < measured_min_k():
+        return "reference"
     t = thresholds()
     nearest = min(t, key=lambda n: abs(n - tokens) / max(n, tokens))
     min_bound, min_elems = t[nearest]
