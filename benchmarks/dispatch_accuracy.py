@@ -16,6 +16,7 @@ LDM-4-shaped AQ denoiser of `kernels_e2e.py` (one forward at batch 1). Both keep
 can run in every layer.
 
     python benchmarks/dispatch_accuracy.py --unet runs/unet-aq-w2a8 --json benchmarks/results/dispatch-accuracy.json
+    python benchmarks/dispatch_accuracy.py --only zoo --any-k --json benchmarks/results/dispatch-accuracy-anyk.json
 """
 
 from __future__ import annotations
@@ -96,8 +97,12 @@ def main() -> None:
     ap.add_argument("--forward-rounds", type=int, default=7, help="rounds of whole forwards")
     ap.add_argument("--tie", type=float, default=0.05, help="paths within this fraction of each other tie")
     ap.add_argument("--only", choices=("zoo", "ldm4"), default=None)
+    ap.add_argument("--any-k", action="store_true",
+                    help="let the thresholds judge every codebook size, as before dispatch.measured_min_k (for A/B)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if args.any_k:
+        dispatch.measured_min_k = lambda: 0
     if args.only != "ldm4" and not Path(args.unet).is_dir():
         sys.exit(f"error: {args.unet} is not a quantized model folder; make it with "
                  f"`diffquant quantize mnist-unet --recipe aq-w2a8 --out {args.unet}`, or run --only ldm4")
@@ -132,6 +137,7 @@ def main() -> None:
               f"{s['forward_s']['in_place']:.3f} s ({s['in_place_speedup']:.2f}x)", flush=True)
     result = {"provenance": provenance(), "threads": torch.get_num_threads(), "rounds": args.rounds,
               "forward_rounds": args.forward_rounds, "tie": args.tie, "threshold_source": source,
+              "any_k": args.any_k,
               "wall_s": round(time.time() - t0, 1), "summary": summaries, "rows": rows}
     if args.json:
         write_json(args.json, result)
