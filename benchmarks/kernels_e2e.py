@@ -14,7 +14,9 @@ The LDM-4 cases are also timed together in one process (`ldm4_same_process`: FP,
 its own process, `reference` measured 1.29-1.33x FP in three runs although it runs the same dense
 products, while in one process the FP model and the same model holding the AQ weights' values took the
 same time (ad hoc). So the gap belongs to the processes, not to the computation, and the same-process
-ratios are the like-for-like ones.
+ratios are the like-for-like ones. The zoo cases are sampled together in one process too (`zoo_same_process`):
+in separate processes its `auto` and `reference` cases, the same dense products once dispatch keeps every zoo
+layer dense, measured 4.72 s and 5.33 s.
 
 Each case runs in a fresh process, so that its peak resident memory (ru_maxrss) is its own; the
 memory the weights take is `weights_held_mib` (peak RSS includes loading through dense weights).
@@ -34,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -149,41 +152,75 @@ def codes_only(model):
     return model
 
 
+def rotated(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Every call once untimed (dense copies and kernel layouts are made on first use), then `rounds` rounds of
+    each once, in an order rotated by one per round: seconds per call."""
+    names, times = list(calls), {name: [] for name in calls}
+    for fn in calls.values():
+        fn()
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            calls[name]()
+            times[name].append(round(time.perf_counter() - t0, 3))
+    return times
+
+
+def forced(model_call: Callable[[], object], impl: str) -> Callable[[], object]:
+    from diffquant.kernels import dispatch
+
+    def call():
+        with torch.no_grad(), dispatch.force(impl):
+            return model_call()
+    return call
+
+
+def same_process_result(times: dict[str, list[float]], key: str) -> dict:
+    med = {mode: statistics.median(v) for mode, v in times.items()}
+    return {key: {m: round(v, 3) for m, v in med.items()}, f"{key}_rounds": times,
+            "speedup_vs_fp": {m: round(med["fp"] / v, 3) for m, v in med.items()}}
+
+
 def ldm4_same_process(rounds: int) -> dict:
     """The four LDM-4 cases in this one process, one forward of each per round in a rotated order: the
     median forward per case over `rounds`, and the ratio of FP's to each."""
     from diffusers import UNet2DModel
 
-    from diffquant.kernels import dispatch
-
     torch.manual_seed(0)
     fp = UNet2DModel(**LDM4).eval()
     aq, aq_codes_only = ldm4_aq_model(), codes_only(ldm4_aq_model())
-    runs = {"fp": (fp, "reference"), "reference": (aq, "reference"), "auto": (aq, "auto"),
-            "lut": (aq_codes_only, "lut")}
     x, t, y = torch.randn(1, 3, 64, 64), torch.tensor([500]), torch.tensor([1])
-    times: dict[str, list[float]] = {mode: [] for mode in runs}
-    names = list(runs)
-    with torch.no_grad():
-        for model, force in runs.values():  # warm-up: the dense copies are made on the first forward
-            with dispatch.force(force):
-                model(x, t, class_labels=y)
-        for r in range(rounds):
-            for mode in names[r % len(names):] + names[:r % len(names)]:
-                model, force = runs[mode]
-                with dispatch.force(force):
-                    t0 = time.perf_counter()
-                    model(x, t, class_labels=y)
-                    times[mode].append(round(time.perf_counter() - t0, 3))
-    med = {mode: statistics.median(v) for mode, v in times.items()}
-    return {"forward_s": {m: round(v, 3) for m, v in med.items()}, "forward_s_rounds": times,
-            "speedup_vs_fp": {m: round(med["fp"] / v, 3) for m, v in med.items()}}
+    calls = {"fp": forced(lambda: fp(x, t, class_labels=y), "reference"),
+             "reference": forced(lambda: aq(x, t, class_labels=y), "reference"),
+             "auto": forced(lambda: aq(x, t, class_labels=y), "auto"),
+             "lut": forced(lambda: aq_codes_only(x, t, class_labels=y), "lut")}
+    return same_process_result(rotated(calls, rounds), "forward_s")
+
+
+def zoo_same_process(unet: str, n: int, rounds: int) -> dict:
+    """The four zoo cases in this one process (sampling `n` images, 20 steps), rotated rounds: `reference` and
+    `auto` share one model, so their products are the same whenever dispatch keeps a layer dense."""
+    from diffquant.models import load
+    from diffquant.pipelines import balanced_labels, sample
+
+    fp, sched = load("mnist-unet")
+    aq, _ = load(unet)
+    aq_codes_only = codes_only(load(unet)[0])
+    labels = balanced_labels(n)
+
+    def sampling(model):
+        return lambda: sample(model, sched, labels, seed=0, steps=20, batch_size=n, progress=False)
+
+    calls = {"fp": forced(sampling(fp), "reference"), "reference": forced(sampling(aq), "reference"),
+             "auto": forced(sampling(aq), "auto"), "lut": forced(sampling(aq_codes_only), "lut")}
+    return same_process_result(rotated(calls, rounds), "wall_s")
 
 
 def run_case(case: str, args) -> dict:
     """One case in a fresh process (its own peak RSS)."""
     p = subprocess.run([sys.executable, __file__, "--case", case, "--unet", args.unet, "-n", str(args.n),
-                        "--reps", str(args.reps), "--same-process-rounds", str(args.same_process_rounds)],
+                        "--reps", str(args.reps), "--same-process-rounds", str(args.same_process_rounds),
+                        "--zoo-same-process-rounds", str(args.zoo_same_process_rounds)],
                        capture_output=True, text=True)
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     if p.returncode or not line:
@@ -208,6 +245,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every case, rotated (median and min)")
     ap.add_argument("--same-process-rounds", type=int, default=7,
                     help="rounds of the LDM-4 cases timed together in one process (0: skip)")
+    ap.add_argument("--zoo-same-process-rounds", type=int, default=3,
+                    help="rounds of the zoo cases sampled together in one process (0: skip)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--only", default="zoo,ldm4", help="which models: zoo, ldm4 or both (ldm4 needs no saved model)")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: one case in this process
@@ -215,7 +254,8 @@ def main() -> None:
     if args.case:
         kind, mode = args.case.split(":")
         if mode == "same_process":
-            r = ldm4_same_process(args.same_process_rounds)
+            r = (ldm4_same_process(args.same_process_rounds) if kind == "ldm4"
+                 else zoo_same_process(args.unet, args.n, args.zoo_same_process_rounds))
         else:
             r = case_zoo(args.unet, mode, args.n) if kind == "zoo" else case_ldm4(mode, args.reps)
         print("RESULT " + json.dumps(r))
@@ -235,14 +275,17 @@ def main() -> None:
     rows = [summarize(case, runs[case]) for case in cases]
     for row in rows:
         print(row, flush=True)
-    same = None
+    same = zoo_same = None
     if "ldm4" in kinds and args.same_process_rounds > 0:
         same = run_case("ldm4:same_process", args)
         print(f"ldm4 in one process: {same}", flush=True)
+    if "zoo" in kinds and args.zoo_same_process_rounds > 0:
+        zoo_same = run_case("zoo:same_process", args)
+        print(f"zoo in one process: {zoo_same}", flush=True)
     out = {"provenance": provenance(), "threads": torch.get_num_threads(),
            "thresholds": threshold_source(),
            "unet": args.unet if "zoo" in kinds else None, "n": args.n,
-           "rounds": args.rounds, "rows": rows, "ldm4_same_process": same}
+           "rounds": args.rounds, "rows": rows, "ldm4_same_process": same, "zoo_same_process": zoo_same}
     if args.json:
         write_json(args.json, out)
 

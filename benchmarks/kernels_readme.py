@@ -62,7 +62,11 @@ def e2e_table(doc: dict) -> str:
         low = r.get("wall_s_min", r.get("forward_s_min"))
         lines.append(f"| {r['case']} | {w:.2f} | {f'{low:.2f}' if low is not None else '-'} | "
                      f"{f'{fp / w:.2f}x' if fp else '-'} | {r['weights_held_mib']:.1f} | {r['peak_rss_mib']:.0f} |")
-    same = doc.get("ldm4_same_process")
+    same, zoo_same = doc.get("ldm4_same_process"), doc.get("zoo_same_process")
+    if zoo_same:
+        cells = [f"{m} {s:.2f} s ({zoo_same['speedup_vs_fp'][m]:.2f}x FP)" for m, s in zoo_same["wall_s"].items()]
+        lines += ["", "The zoo cases sampled together in one process (rotated rounds; the like-for-like comparison): "
+                  + ", ".join(cells) + "."]
     if same:
         cells = [f"{m} {s:.2f} s ({same['speedup_vs_fp'][m]:.2f}x FP)" for m, s in same["forward_s"].items()]
         lines += ["", "The LDM-4 cases timed together in one process (rotated rounds; the like-for-like "
