@@ -15,8 +15,8 @@ its own process, `reference` measured 1.29-1.33x FP in three runs although it ru
 products, while in one process the FP model and the same model holding the AQ weights' values took the
 same time (ad hoc). So the gap belongs to the processes, not to the computation, and the same-process
 ratios are the like-for-like ones. The zoo cases are sampled together in one process too (`zoo_same_process`):
-in separate processes its `auto` and `reference` cases, the same dense products once dispatch keeps every zoo
-layer dense, measured 4.72 s and 5.33 s.
+once dispatch keeps every zoo layer dense, its `auto` and `reference` cases run the same products (equal
+checksums), yet in separate processes they measured 0.83x and 0.73x FP (a run at 6f62492, not kept).
 
 Each case runs in a fresh process, so that its peak resident memory (ru_maxrss) is its own; the
 memory the weights take is `weights_held_mib` (peak RSS includes loading through dense weights).
