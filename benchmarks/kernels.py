@@ -2,7 +2,8 @@
 
 Shapes of real models (random weights: speed does not depend on training): DiT-XL/2 linears, LDM-4 ImageNet's
 attention linears and SD-1.5's, LDM-4's 3x3 convolutions at the resolutions its 64x64 latent runs them
-(tokens = batch x pixels: batch 1, then the batches that reach 256 / 1024 / 4096 tokens). Configs:
+(tokens = batch x pixels: batch 1, then the batches that reach 256 / 1024 / 4096 tokens; linears at 1 / 16 / 64 /
+256 / 1024 / 4096 tokens). Configs:
 1x8 and 2x8 codebooks (g = 8 for linears, KAQ g = 9 for 3x3 convolutions). Implementations:
 
     fp32_dense      torch F.linear / F.conv2d on the fp32 weight
