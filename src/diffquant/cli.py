@@ -460,14 +460,15 @@ def _tune_in_place(model_dir: str, batch: int, rounds: int, path: Path) -> None:
     from diffquant.provenance import cpu_model, git_commit
 
     model, sched = load(model_dir)
-    if not in_place.aq_layers(model):
+    layers = in_place.aq_layers(model)
+    if not layers:
         raise ValueError(f"{model_dir} has no additive-codebook (AQ) layers, so there is no kernel to choose; "
                          "quantize it with an AQ recipe first (e.g. `diffquant quantize mnist-unet --recipe aq-w2a8`)")
     meta = meta_of(model)
     x = torch.randn(batch, *latent_shape(model), generator=torch.Generator().manual_seed(0))
     t = torch.full((batch,), sched.config.num_train_timesteps // 2, dtype=torch.long)
     labels = balanced_labels(batch)
-    click.echo(f"timing {len(in_place.aq_layers(model))} AQ layers of {model_dir} in place, batch {batch}, "
+    click.echo(f"timing {len(layers)} AQ layers of {model_dir} in place, batch {batch}, "
                f"{rounds} rounds per path", err=True)
     t0 = time.time()
     rows = in_place.measure(model, lambda: guided_output(model, x, t, labels, meta.guidance_scale, meta.null_class),

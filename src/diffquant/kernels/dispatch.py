@@ -77,11 +77,12 @@ def _conservative(entries: list[dict]) -> dict[int, tuple[float, int]]:
     return {n: (max(t[n][0] for t in tables), max(t[n][1] for t in tables)) for n in sorted(counts)}
 
 
-def _read_user(path: Path) -> dict:
+def _read_user(path: Path, section: str) -> dict:
+    """`section` ("cpu": thresholds per CPU, "shapes": in-place choices per CPU) of the user's thresholds file."""
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text()).get("cpu", {})
+        return json.loads(path.read_text()).get(section, {})
     except (json.JSONDecodeError, AttributeError) as e:
         raise ValueError(f"{path} is not a kernel-thresholds file ({e}); delete it, or measure this machine "
                          "again with `diffquant tune-kernels`") from None
@@ -100,7 +101,7 @@ def thresholds() -> dict[int, tuple[float, int]]:
         t, src = {n: (1.5, 1 << 18) for n in (1, 16, 256, 4096)}, "built-in default"
         shipped = json.loads(_THRESHOLDS.read_text()).get("cpu", {}) if _THRESHOLDS.exists() else {}
         user_path = user_thresholds_path()
-        user = _read_user(user_path)
+        user = _read_user(user_path, "cpu")
         if key in user:
             t, src = _entry_table(user[key]), f"measured on this machine ({user_path})"
         elif key in shipped:
@@ -126,15 +127,7 @@ def shape_choices() -> dict[tuple, str]:
         from diffquant.kernels.tune import user_thresholds_path
         from diffquant.provenance import cpu_key
 
-        path = user_thresholds_path()
-        data = {}
-        if path.exists():
-            try:
-                data = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not a kernel-thresholds file ({e}); delete it, or measure this "
-                                 "machine again with `diffquant tune-kernels`") from None
-        rows = data.get("shapes", {}).get(cpu_key(), {}).get("choices", [])
+        rows = _read_user(user_thresholds_path(), "shapes").get(cpu_key(), {}).get("choices", [])
         _cache["shapes"] = {tuple(r["key"]): r["impl"] for r in rows}
     return _cache["shapes"]
 

@@ -91,15 +91,21 @@ def measure(model: torch.nn.Module, forward: Callable[[], object], rounds: int =
             for n in layers if n in keys and all(times[n][p] for p in PATHS)]
 
 
+def summed_by_shape(rows: list[dict]) -> dict[Key, dict[str, float]]:
+    """{key: {"reference_ms": .., "lut_ms": ..}}: the times of the layers that share a key, summed."""
+    total: dict[Key, dict[str, float]] = {}
+    for r in rows:
+        t = total.setdefault(tuple(r["key"]), {f"{p}_ms": 0.0 for p in PATHS})
+        for p in PATHS:
+            t[f"{p}_ms"] += r[f"{p}_ms"]
+    return total
+
+
 def choose_per_shape(rows: list[dict], margin: float = 0.03) -> dict[Key, str]:
     """{key: path} from `measure`'s rows: the layers that share a key are summed, and the lookup is chosen where
     it took less than (1 - margin) of dense's time; otherwise dense (a tie keeps the exact dense product)."""
-    total: dict[Key, dict[str, float]] = {}
-    for r in rows:
-        t = total.setdefault(tuple(r["key"]), {p: 0.0 for p in PATHS})
-        for p in PATHS:
-            t[p] += r[f"{p}_ms"]
-    return {k: "lut" if t["lut"] < (1 - margin) * t["reference"] else "reference" for k, t in total.items()}
+    return {k: "lut" if t["lut_ms"] < (1 - margin) * t["reference_ms"] else "reference"
+            for k, t in summed_by_shape(rows).items()}
 
 
 def summed_ms(rows: list[dict], pick: Callable[[dict], str]) -> float:

@@ -200,15 +200,12 @@ def store_shape_choices(path: Path, rows: list[dict], choices: dict[tuple, str],
     `path`, replacing earlier choices for the same keys and keeping the rest (models tuned before, the thresholds);
     atomic. Returns how many choices the CPU now has."""
     from diffquant.io_utils import write_json
+    from diffquant.kernels.in_place import summed_by_shape
     from diffquant.provenance import cpu_key
 
     data = json.loads(path.read_text()) if path.exists() else {}
     section = data.setdefault("shapes", {}).setdefault(cpu_key(), {"choices": []})
-    summed: dict[tuple, dict[str, float]] = {}
-    for r in rows:
-        t = summed.setdefault(tuple(r["key"]), {"reference_ms": 0.0, "lut_ms": 0.0})
-        t["reference_ms"] += r["reference_ms"]
-        t["lut_ms"] += r["lut_ms"]
+    summed = summed_by_shape(rows)
     kept = [c for c in section["choices"] if tuple(c["key"]) not in choices]
     new = [{"key": list(k), "impl": v, **{n: round(ms, 4) for n, ms in summed[k].items()}}
            for k, v in choices.items()]
