@@ -16,7 +16,7 @@ products, while in one process the FP model and the same model holding the AQ we
 same time (ad hoc). So the gap belongs to the processes, not to the computation, and the same-process
 ratios are the like-for-like ones. The zoo cases are sampled together in one process too (`zoo_same_process`):
 once dispatch keeps every zoo layer dense, its `auto` and `reference` cases run the same products (equal
-checksums); in separate processes they measured 0.75x and 0.72x FP, in one 0.71x and 0.70x (kernels-e2e-epyc.json).
+checksums), so any gap between them in separate processes is the processes'.
 
 Each case runs in a fresh process, so that its peak resident memory (ru_maxrss) is its own; the
 memory the weights take is `weights_held_mib` (peak RSS includes loading through dense weights).
