@@ -81,11 +81,10 @@ def zoo(unet: str, n: int):
 
 
 def ldm4():
-    sys.path.insert(0, str(Path(__file__).parent))
-    from kernels_e2e import ldm4_aq_model
+    from kernels_e2e import ldm4_aq_model, ldm4_inputs
 
     model = ldm4_aq_model().eval()
-    x, t, y = torch.randn(1, 3, 64, 64), torch.tensor([500]), torch.tensor([1])
+    x, t, y = ldm4_inputs()
     return model, lambda: model(x, t, class_labels=y)
 
 
@@ -103,9 +102,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.any_k:
         dispatch.measured_min_k = lambda: 0
-    if args.only != "ldm4" and not Path(args.unet).is_dir():
-        sys.exit(f"error: {args.unet} is not a quantized model folder; make it with "
-                 f"`diffquant quantize mnist-unet --recipe aq-w2a8 --out {args.unet}`, or run --only ldm4")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from kernels_e2e import require_unet
+
+    if args.only != "ldm4":
+        require_unet(args.unet, ", or run --only ldm4")
     from diffquant.kernels import cpu
 
     if not cpu.available():

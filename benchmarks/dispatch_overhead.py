@@ -89,9 +89,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    if not Path(args.unet).is_dir():
-        sys.exit(f"error: {args.unet} is not a quantized model folder; make it with "
-                 f"`diffquant quantize mnist-unet --recipe aq-w2a8 --out {args.unet}`")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from kernels_e2e import require_unet
+
+    require_unet(args.unet, "")
     calls, wall = count_calls(args.unet, args.n)
     total = sum(calls.values())
     us = per_call_us(list(calls), args.calls, args.rounds)

@@ -91,6 +91,18 @@ def case_zoo(unet: str, mode: str, n: int) -> dict:
             "peak_rss_mib": round(_rss_mib(), 1), "checksum": float(x.float().mean())}
 
 
+def ldm4_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One 64x64x3 latent, timestep 500, class 1: the LDM-4 forward every case times."""
+    return torch.randn(1, 3, 64, 64), torch.tensor([500]), torch.tensor([1])
+
+
+def require_unet(unet: str, hint: str) -> None:
+    """Stop with the command that makes `unet` when it is not a saved model folder."""
+    if not Path(unet).is_dir():
+        sys.exit(f"error: {unet} is not a quantized model folder; make it with "
+                 f"`diffquant quantize mnist-unet --recipe aq-w2a8 --out {unet}`{hint}")
+
+
 def ldm4_aq_model(seed: int = 0):
     from diffusers import UNet2DModel
 
@@ -126,7 +138,7 @@ def case_ldm4(mode: str, reps: int) -> dict:
         model = UNet2DModel(**LDM4).eval()
     else:
         model = codes_only(ldm4_aq_model()) if mode == "lut" else ldm4_aq_model()
-    x, t, y = torch.randn(1, 3, 64, 64), torch.tensor([500]), torch.tensor([1])
+    x, t, y = ldm4_inputs()
     rss0 = _rss_mib()
     force = {"fp": "reference", "reference": "reference", "auto": "auto", "lut": "lut"}[mode]
     times = []
@@ -189,7 +201,7 @@ def ldm4_same_process(rounds: int) -> dict:
     torch.manual_seed(0)
     fp = UNet2DModel(**LDM4).eval()
     aq, aq_codes_only = ldm4_aq_model(), codes_only(ldm4_aq_model())
-    x, t, y = torch.randn(1, 3, 64, 64), torch.tensor([500]), torch.tensor([1])
+    x, t, y = ldm4_inputs()
     calls = {"fp": forced(lambda: fp(x, t, class_labels=y), "reference"),
              "reference": forced(lambda: aq(x, t, class_labels=y), "reference"),
              "auto": forced(lambda: aq(x, t, class_labels=y), "auto"),
@@ -263,9 +275,8 @@ def main() -> None:
     kinds = [k for k in args.only.split(",") if k]
     if not kinds or set(kinds) - {"zoo", "ldm4"}:
         sys.exit(f"error: --only {args.only!r}: give zoo, ldm4 or zoo,ldm4")
-    if "zoo" in kinds and not Path(args.unet).is_dir():
-        sys.exit(f"error: {args.unet} is not a quantized model folder; make it with "
-                 f"`diffquant quantize mnist-unet --recipe aq-w2a8 --out {args.unet}`, or run --only ldm4")
+    if "zoo" in kinds:
+        require_unet(args.unet, ", or run --only ldm4")
     cases = [f"{k}:{m}" for k in kinds for m in ("fp", "reference", "auto", "lut")]
     runs: dict[str, list[dict]] = {c: [] for c in cases}
     for r in range(args.rounds):

@@ -12,6 +12,8 @@ dequantizes per call). Training (fine-tuning) always takes the dense, differenti
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -43,14 +45,15 @@ class QuantLayer(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         return self.weight if self.weight is not None else self.qweight.dequantize()
 
-    def _aq_impl(self, x: torch.Tensor, tokens: int) -> str:
-        """'dense' unless this is an AQ layer at inference and dispatch picks a kernel for the shape."""
+    def _aq_impl(self, x: torch.Tensor, tokens: Callable[[], int]) -> str:
+        """'dense' unless this is an AQ layer at inference and dispatch picks a kernel for the shape;
+        `tokens()` is only counted for such layers (every other quantized layer calls this too)."""
         if self.qweight.format != "additive" or (torch.is_grad_enabled() and (
                 x.requires_grad or (self.weight is not None and self.weight.requires_grad))):
             return "dense"
         spec, out = self.qweight.spec, self.qweight.shape[0]
-        impl = dispatch.choose(x.device, tokens, out, self.qweight.in_flat, spec.codebooks, 1 << spec.bits, spec.group,
-                               dense_cached=self.weight is not None)
+        impl = dispatch.choose(x.device, tokens(), out, self.qweight.in_flat, spec.codebooks, 1 << spec.bits,
+                               spec.group, dense_cached=self.weight is not None)
         return "dense" if impl == "reference" else impl
 
     def _kernel_state(self, device: torch.device, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -77,7 +80,7 @@ class QuantLinear(QuantLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._input(x)
-        impl = self._aq_impl(x, x.numel() // max(1, x.shape[-1]))
+        impl = self._aq_impl(x, lambda: x.numel() // max(1, x.shape[-1]))
         if impl == "dense":
             return F.linear(x, self.dense_weight(), self.bias)
         cb, codes, scale = self._kernel_state(x.device, impl)
@@ -100,15 +103,17 @@ class QuantConv2d(QuantLayer):
         self.dilation, self.groups = tuple(geo["dilation"]), geo["groups"]
         self.padding = tuple(self.padding) if isinstance(self.padding, list) else self.padding
 
+    def padding_pair(self) -> tuple[int, int] | None:
+        """(rows, columns) of zero padding; None for 'same', (0, 0) for 'valid'."""
+        if isinstance(self.padding, str):
+            return (0, 0) if self.padding == "valid" else None
+        return self.padding if isinstance(self.padding, tuple) else (self.padding, self.padding)
+
     def tokens(self, x: torch.Tensor) -> int:
         """Batch x output pixels: the token count the kernel benchmark and the thresholds measured from it
         give a convolution (its dense path is one product over the whole batch)."""
-        if isinstance(self.padding, str):  # 'same' (stride 1) or 'valid'
-            pad = (0, 0) if self.padding == "valid" else None
-        else:
-            pad = self.padding if isinstance(self.padding, tuple) else (self.padding, self.padding)
-        kh, kw = self.qweight.shape[2:]
-        if pad is None:
+        pad, (kh, kw) = self.padding_pair(), self.qweight.shape[2:]
+        if pad is None:  # 'same' (stride 1)
             return x.shape[0] * x.shape[-2] * x.shape[-1]
         ho = (x.shape[-2] + 2 * pad[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
         wo = (x.shape[-1] + 2 * pad[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
@@ -120,13 +125,13 @@ class QuantConv2d(QuantLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._input(x)
-        impl = "dense" if self.groups != 1 or x.dim() != 4 else self._aq_impl(x, self.tokens(x))
+        impl = "dense" if self.groups != 1 or x.dim() != 4 else self._aq_impl(x, lambda: self.tokens(x))
         if impl == "lut" and not isinstance(self.padding, str):
             from diffquant.kernels.cpu import aq_conv2d
 
             cb, codes, scale = self._kernel_state(x.device, impl)
             bias = None if self.bias is None else self.bias.float().contiguous()
-            pad = self.padding if isinstance(self.padding, tuple) else (self.padding, self.padding)
+            pad = self.padding_pair()
             return aq_conv2d(x, cb, codes, scale, bias, tuple(self.qweight.shape[2:]), self.stride, pad,
                              self.dilation).to(x.dtype)
         if impl == "triton":  # GPU, codes only: rebuild the kernel weight in one Triton pass, then cuDNN
