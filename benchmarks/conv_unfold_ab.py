@@ -33,7 +33,7 @@ def whole_batch_unfold(x, cb, codes, scale, bias):
     cols = F.unfold(x, (3, 3), padding=(1, 1))
     out = torch.empty(n, scale.numel(), h * w)
     for i in range(n):
-        out[i] = ext.aq_matmul_tokens(cols[i].contiguous(), cb, codes, scale, bias, 8)
+        out[i] = ext.aq_matmul_tokens(cols[i].contiguous(), cb, codes, scale, bias, cpu.BLOCK_COLUMNS)
     return out.reshape(n, scale.numel(), h, w)
 
 

@@ -69,6 +69,26 @@ def test_lut_linear_split_across_threads_equals_reference(tokens, in_flat):
     _close(y, dequant_linear(x, kcb, codes, kscale, bias))
 
 
+@needs_lut
+@pytest.mark.parametrize("block_columns", [1, 2, 5, 16, 1000])
+@pytest.mark.parametrize("m", [1, 3])
+def test_every_table_block_size_equals_reference(block_columns, m):
+    # the table is built and gathered in blocks of block_columns // m groups: fewer columns than
+    # codebooks (one group a block), blocks that leave a short last one (13 groups), more than all of
+    # them; through a token tile (5) and tiles (40), with the conv loader too
+    gen = torch.Generator().manual_seed(block_columns * 10 + m)
+    cb, codes, scale = _random_aq(23, 13 * 8, m, 6, 8, gen)
+    kcb, kcodes, kscale = cpu.cpu_layout(codes, cb, scale, 6)
+    for tokens in (5, 40):
+        x = torch.randn(tokens, 13 * 8, generator=gen)
+        _close(cpu.aq_linear(x, kcb, kcodes, kscale, None, block_columns), dequant_linear(x, kcb, codes, kscale, None))
+    ccb, ccodes, cscale = _random_aq(7, 13 * 9, m, 5, 9, gen)  # 13 input channels, 3x3
+    kcb, kcodes, kscale = cpu.cpu_layout(ccodes, ccb, cscale, 5)
+    x = torch.randn(2, 13, 5, 6, generator=gen)
+    y = cpu.aq_conv2d(x, kcb, kcodes, kscale, None, (3, 3), (1, 1), (1, 1), (1, 1), block_columns)
+    _close(y, dequant_conv2d(x, kcb, ccodes, kscale, None, (7, 13, 3, 3), 1, 1, 1))
+
+
 _FEWER_THREADS_CASE = """
 import torch
 from diffquant.kernels import cpu
@@ -114,11 +134,11 @@ def test_one_token_path_equals_reference(out, in_flat, m, bits, g):
     _close(y, dequant_linear(x, kcb, codes, kscale, bias))
     ext = cpu.load_extension()
     xt = x.t().contiguous()
-    _close(y, ext.aq_matmul_tokens(xt, kcb, kcodes, kscale, bias, 8, one_token=False).t())
+    _close(y, ext.aq_matmul_tokens(xt, kcb, kcodes, kscale, bias, cpu.BLOCK_COLUMNS, one_token=False).t())
     chosen, runs = cpu.one_token_lookups(1 << bits, kcodes.element_size())
     assert chosen in runs and "scalar" in runs
     for name in runs:
-        forced = ext.aq_matmul_tokens(xt, kcb, kcodes, kscale, bias, 8, True, cpu.LOOKUPS.index(name))
+        forced = ext.aq_matmul_tokens(xt, kcb, kcodes, kscale, bias, cpu.BLOCK_COLUMNS, True, cpu.LOOKUPS.index(name))
         _close(y, forced.t())
 
 
@@ -129,7 +149,7 @@ def test_a_lookup_this_build_cannot_run_is_refused_by_name():
     kcb, kcodes, kscale = cpu.cpu_layout(codes, cb, scale, 10)
     assert "float_permutes" not in cpu.one_token_lookups(1024, 2)[1]
     with pytest.raises(RuntimeError, match=r"lookup 1 \(float_permutes\) does not run for 1024 codewords"):
-        cpu.load_extension().aq_matmul_tokens(torch.randn(32, 1), kcb, kcodes, kscale, None, 8, True,
+        cpu.load_extension().aq_matmul_tokens(torch.randn(32, 1), kcb, kcodes, kscale, None, cpu.BLOCK_COLUMNS, True,
                                               cpu.LOOKUPS.index("float_permutes"))
 
 

@@ -7,7 +7,11 @@
 // so a token tile of TT tokens turns every (o, j, m) into one TT-wide vector add of a table row:
 // in*M*K multiply-adds per token for the table and out*(in/g)*M adds for the gather-sum, against
 // in*out multiply-adds for dense. The table is built and consumed in blocks of JB groups so that the
-// block stays in L2 while every output row visits it.
+// block stays in L2 while every output row visits it. A block holds `block_columns` (group, codebook)
+// columns, JB = block_columns / M groups (cpu.BLOCK_COLUMNS = 16): with 2^8 codewords, 16 columns ran
+// 1.01-1.17x faster than 8 groups on every 1x8 linear cell at 2-1024 tokens, and the same for 2x8 (where
+// 8 groups are 16 columns) against 0.77-1.02x for 16 groups (kernels_ab.py --base 2745d31 --mixed,
+// benchmarks/results/kernels-ab-block-columns.json, AMD EPYC).
 //
 // Codes are read column-major, codes_t[(j*M + m)*out + o] (`cpu_layout` in cpu.py): consecutive
 // output rows of one (group, codebook) column sit side by side, which the one-token path needs (16
@@ -240,10 +244,10 @@ struct ConvLoader {
 template <int TT, typename code_t, typename Loader>
 void many_tokens_impl(const Loader& loader, int64_t in_flat, int64_t T, const float* __restrict cb, int64_t M,
                       int64_t K, int64_t g, const code_t* __restrict codes_t, int64_t O, const float* __restrict scale,
-                      const float* __restrict bias, float* __restrict yt, int64_t jb_groups, bool token_major) {
+                      const float* __restrict bias, float* __restrict yt, int64_t block_columns, bool token_major) {
   const int64_t J = in_flat / g;
   const int64_t ntiles = (T + TT - 1) / TT;
-  const int64_t JB = std::max<int64_t>(1, std::min<int64_t>(jb_groups, J));
+  const int64_t JB = std::max<int64_t>(1, std::min<int64_t>(block_columns / M, J));  // groups per table block
   const int nth = at::get_num_threads();
   // One token tile and several threads: split the groups (the reduction dimension) between threads.
   // Each thread builds the table of its own groups only and adds into its own partial sums for
@@ -611,7 +615,7 @@ void check(const torch::Tensor& codebooks, const torch::Tensor& codes_t, int64_t
 template <typename Loader>
 void many_tokens(const Loader& loader, int64_t in_flat, int64_t T, const torch::Tensor& codebooks,
                  const torch::Tensor& codes_t, const torch::Tensor& scale, const float* bias, float* y,
-                 int64_t jb_groups, bool token_major) {
+                 int64_t block_columns, bool token_major) {
   const int64_t M = codebooks.size(0), K = codebooks.size(1), g = codebooks.size(2), O = codes_t.size(1);
   const float* cb = codebooks.data_ptr<float>();
   const float* s = scale.data_ptr<float>();
@@ -619,11 +623,11 @@ void many_tokens(const Loader& loader, int64_t in_flat, int64_t T, const torch::
     constexpr int TT = decltype(tt)::value;
     if (codes_t.scalar_type() == torch::kUInt8)
       many_tokens_impl<TT, uint8_t>(loader, in_flat, T, cb, M, K, g, codes_t.data_ptr<uint8_t>(), O, s, bias, y,
-                                    jb_groups, token_major);
+                                    block_columns, token_major);
     else
       many_tokens_impl<TT, uint16_t>(loader, in_flat, T, cb, M, K, g,
                                      reinterpret_cast<const uint16_t*>(codes_t.data_ptr<int16_t>()), O, s, bias, y,
-                                     jb_groups, token_major);
+                                     block_columns, token_major);
   };
   if (T <= 4)
     run(std::integral_constant<int, 4>{});
@@ -637,7 +641,7 @@ void many_tokens(const Loader& loader, int64_t in_flat, int64_t T, const torch::
 // `token_major`, x is (T, in_flat) and the result (T, out): a linear layer's own layout, so that the caller
 // copies neither way.
 torch::Tensor aq_matmul_tokens(torch::Tensor xt, torch::Tensor codebooks, torch::Tensor codes_t, torch::Tensor scale,
-                               c10::optional<torch::Tensor> bias, int64_t jb_groups, bool use_one_token,
+                               c10::optional<torch::Tensor> bias, int64_t block_columns, bool use_one_token,
                                int64_t lookup, bool token_major) {
   const int64_t O = codes_t.dim() == 2 ? codes_t.size(1) : -1;
   check(codebooks, codes_t, O, scale, bias);
@@ -667,7 +671,7 @@ torch::Tensor aq_matmul_tokens(torch::Tensor xt, torch::Tensor codebooks, torch:
                                scale.data_ptr<float>(), b, yt.data_ptr<float>(), lookup);
   } else {
     many_tokens(MatrixLoader{xt.data_ptr<float>(), in_flat, T, token_major}, in_flat, T, codebooks, codes_t, scale, b,
-                yt.data_ptr<float>(), jb_groups, token_major);
+                yt.data_ptr<float>(), block_columns, token_major);
   }
   return yt;
 }
@@ -677,7 +681,7 @@ torch::Tensor aq_matmul_tokens(torch::Tensor xt, torch::Tensor codebooks, torch:
 // loaded straight from the image (ConvLoader); images run one after another, each split between threads.
 torch::Tensor aq_conv2d(torch::Tensor x, torch::Tensor codebooks, torch::Tensor codes_t, torch::Tensor scale,
                         c10::optional<torch::Tensor> bias, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
-                        int64_t pw, int64_t dh, int64_t dw, int64_t jb_groups) {
+                        int64_t pw, int64_t dh, int64_t dw, int64_t block_columns) {
   const int64_t O = codes_t.dim() == 2 ? codes_t.size(1) : -1;
   check(codebooks, codes_t, O, scale, bias);
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
@@ -696,7 +700,7 @@ torch::Tensor aq_conv2d(torch::Tensor x, torch::Tensor codebooks, torch::Tensor 
   for (int64_t n = 0; n < N; ++n) {
     const ConvLoader loader{x.data_ptr<float>() + n * C * H * W, H, W, kh, kw, sh, sw, ph, pw, dh, dw, Wo, P};
     float* yn = y.data_ptr<float>() + n * O * P;
-    many_tokens(loader, in_flat, P, codebooks, codes_t, scale, b, yn, jb_groups, false);
+    many_tokens(loader, in_flat, P, codebooks, codes_t, scale, b, yn, block_columns, false);
   }
   return y;
 }
@@ -705,10 +709,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("aq_conv2d", &aq_conv2d, "KAQ convolution by the lookup kernel, patches read straight from each image",
         py::arg("x"), py::arg("codebooks"), py::arg("codes_t"), py::arg("scale"), py::arg("bias"), py::arg("kh"),
         py::arg("kw"), py::arg("sh"), py::arg("sw"), py::arg("ph"), py::arg("pw"), py::arg("dh"), py::arg("dw"),
-        py::arg("jb_groups"));
+        py::arg("block_columns"));
   m.def("aq_matmul_tokens", &aq_matmul_tokens, "AQ lookup-table product, token-contiguous, codes column-major",
         py::arg("xt"), py::arg("codebooks"), py::arg("codes_t"), py::arg("scale"), py::arg("bias"),
-        py::arg("jb_groups"), py::arg("one_token") = true, py::arg("lookup") = int64_t(kAuto),
+        py::arg("block_columns"), py::arg("one_token") = true, py::arg("lookup") = int64_t(kAuto),
         py::arg("token_major") = false);
   // lookup numbers as in enum Lookup; cpu.py names them
   m.def("one_token_lookups", [](int64_t K, int64_t code_bytes) {

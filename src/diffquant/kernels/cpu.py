@@ -78,6 +78,10 @@ def available() -> bool:
         return False
 
 
+# (group, codebook) columns per block of the table that the many-token path builds and then gathers from
+# while it is in L2 (aq_lut.cpp says what was measured): 16 groups of one codebook, 8 of two
+BLOCK_COLUMNS = 16
+
 # the one-token path's ways of looking table rows up, numbered as aq_lut.cpp's enum Lookup
 LOOKUPS = ("auto", "float_permutes", "gathers", "byte_planes", "scalar")
 
@@ -91,7 +95,7 @@ def one_token_lookups(codewords: int, code_bytes: int) -> tuple[str, list[str]]:
 
 
 def aq_linear(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
-              bias: torch.Tensor | None, jb: int = 8) -> torch.Tensor:
+              bias: torch.Tensor | None, block_columns: int = BLOCK_COLUMNS) -> torch.Tensor:
     """x (..., in) @ W^T + bias, W given by AQ codes in the C++ kernel's layout, (groups * M, out)
     column-major (see `cpu_layout`). The kernel reads x as it is, (tokens, in), and writes (tokens, out):
     it transposes each token tile in cache. Against transposing the input by a copy first, that ran
@@ -102,12 +106,12 @@ def aq_linear(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, sca
     ext = load_extension()
     lead, n_in = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, n_in).float().contiguous()
-    return ext.aq_matmul_tokens(x2, codebooks, codes, scale, bias, jb, token_major=True).reshape(*lead, -1)
+    return ext.aq_matmul_tokens(x2, codebooks, codes, scale, bias, block_columns, token_major=True).reshape(*lead, -1)
 
 
 def aq_conv2d(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
               bias: torch.Tensor | None, kernel_size: tuple[int, int], stride, padding, dilation,
-              jb: int = 8) -> torch.Tensor:
+              block_columns: int = BLOCK_COLUMNS) -> torch.Tensor:
     """KAQ Conv2d (groups == 1): a patch in F.unfold's order is channel-major, so group j of it is one input
     channel's k x k slice, and the table row is that slice against every codeword kernel (the channel
     convolved with the codeword kernels, at this pixel). The kernel reads each tile of output pixels'
@@ -119,12 +123,13 @@ def aq_conv2d(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, sca
         raise ValueError(f"the lookup-table kernel runs on the CPU; got a tensor on {x.device}")
     ext = load_extension()
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    return ext.aq_conv2d(x.float().contiguous(), codebooks, codes, scale, bias, kh, kw, sh, sw, ph, pw, dh, dw, jb)
+    return ext.aq_conv2d(x.float().contiguous(), codebooks, codes, scale, bias, kh, kw, sh, sw, ph, pw, dh, dw,
+                         block_columns)
 
 
 def aq_conv2d_unfolded(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                        bias: torch.Tensor | None, kernel_size: tuple[int, int], stride, padding, dilation,
-                       jb: int = 8) -> torch.Tensor:
+                       block_columns: int = BLOCK_COLUMNS) -> torch.Tensor:
     """`aq_conv2d` as it was before the kernel read patches itself: F.unfold one image at a time, then the
     product on the unfolded columns. Kept as the A/B baseline of benchmarks/conv_unfold_ab.py and as a
     second path for the tests to compare with."""
@@ -137,7 +142,7 @@ def aq_conv2d_unfolded(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Te
     out = torch.empty(n, scale.numel(), ho * wo, dtype=torch.float32)
     for i in range(n):
         cols = F.unfold(x[i : i + 1], (kh, kw), dilation=dilation, padding=padding, stride=stride)[0]
-        out[i] = ext.aq_matmul_tokens(cols, codebooks, codes, scale, bias, jb)
+        out[i] = ext.aq_matmul_tokens(cols, codebooks, codes, scale, bias, block_columns)
     return out.reshape(n, scale.numel(), ho, wo)
 
 
