@@ -8,10 +8,12 @@
 // in*M*K multiply-adds per token for the table and out*(in/g)*M adds for the gather-sum, against
 // in*out multiply-adds for dense. The table is built and consumed in blocks of JB groups so that the
 // block stays in L2 while every output row visits it. A block holds `block_columns` (group, codebook)
-// columns, JB = block_columns / M groups (cpu.BLOCK_COLUMNS = 16): with 2^8 codewords, 16 columns ran
-// 1.01-1.17x faster than 8 groups on every 1x8 linear cell at 2-1024 tokens, and the same for 2x8 (where
-// 8 groups are 16 columns) against 0.77-1.02x for 16 groups (kernels_ab.py --base 2745d31 --mixed,
-// benchmarks/results/kernels-ab-block-columns.json, AMD EPYC).
+// columns, JB = block_columns / M groups (cpu.BLOCK_COLUMNS = 16). Against 8 groups whatever M, on 1x8
+// weights (16 groups now) the linears ran a median 1.08x faster (0.93-1.51x over 49 cells at 2-1024 tokens,
+// called back to back and after a dequantize-then-dense product) and the 3x3 convolutions 1.01x; 2x8 (8 groups
+// both ways, so a control) measured 1.00x (0.95-1.13x) (kernels_ab.py --base 2745d31 --mixed,
+// benchmarks/results/kernels-ab-block-columns.json, AMD EPYC). In a trial sweep (not kept), 16 groups of two
+// codebooks (32 columns) were slower than 8 at every token count from 16 up.
 //
 // Codes are read column-major, codes_t[(j*M + m)*out + o] (`cpu_layout` in cpu.py): consecutive
 // output rows of one (group, codebook) column sit side by side, which the one-token path needs (16
