@@ -39,7 +39,9 @@ LINEARS = {"dit-xl2.qkv": (1152, 3456), "dit-xl2.proj": (1152, 1152), "dit-xl2.f
 CONVS = {"zoo-unet.conv64@16": (64, 16), "zoo-unet.conv128@8": (128, 8),
          "ldm4.conv192@64": (192, 64), "ldm4.conv384@32": (384, 32), "ldm4.conv576@16": (576, 16),
          "ldm4.conv960@8": (960, 8)}
-TOKENS = (1, 16, 64, 256, 1024, 4096)  # 64: LDM-4's 960-channel level at batch 1, for linears as for convolutions
+# 4: the many-token path's 4-wide tile (2-4 tokens), which dispatch otherwise judged by the 1-token entry, a
+# different path; 64: LDM-4's 960-channel level at batch 1, for linears as for convolutions
+TOKENS = (1, 4, 16, 64, 256, 1024, 4096)
 CONFIGS = {"1x8": (1, 8), "2x8": (2, 8)}  # (codebooks M, bits per code)
 
 
