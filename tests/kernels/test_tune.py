@@ -87,6 +87,20 @@ def test_fewer_codewords_than_measured_stay_dense_unless_measured_in_place(isola
     assert dispatch.choose(cpu_dev, 2048, 128, 1152, 2, 16, 9) == "lut"
 
 
+def test_several_tokens_are_judged_by_an_entry_of_the_tiled_path(isolated, monkeypatch):
+    """One token runs the one-token lookup, two or more the tiled path: a 2-token product follows the 4-token
+    entry, not the (nearer by ratio) 1-token one; with only a 1-token entry, that one is used."""
+    monkeypatch.setattr(dispatch, "_lut_ok", lambda: True)
+    monkeypatch.setattr(dispatch, "_THRESHOLDS", isolated / "shipped.json")
+    tune.store_entry(tune.user_thresholds_path(), {"min_flop_bound": {"1": 1e9, "4": 1.0, "64": 1e9},
+                                                   "min_weight_elems": {"1": 0, "4": 0, "64": 0}})
+    cpu_dev, shape = torch.device("cpu"), (4608, 1152, 1, 256, 8)  # DiT-XL/2 fc1 1x8, bound 5.5
+    assert [dispatch.choose(cpu_dev, n, *shape) for n in (1, 2, 3, 4, 8)] == ["reference"] + ["lut"] * 4
+    tune.store_entry(tune.user_thresholds_path(), {"min_flop_bound": {"1": 1.0}, "min_weight_elems": {"1": 0}})
+    dispatch.reload_thresholds()
+    assert dispatch.choose(cpu_dev, 2, *shape) == "lut"
+
+
 def test_a_broken_user_file_names_itself_and_the_fix(isolated):
     path = tune.user_thresholds_path()
     path.parent.mkdir(parents=True)

@@ -219,6 +219,9 @@ def _choose_auto(device: torch.device, tokens: int, out: int, in_flat: int, m: i
     if k < measured_min_k():
         return "reference"
     t = thresholds()
-    nearest = min(t, key=lambda n: abs(n - tokens) / max(n, tokens))
+    # one token runs its own path (aq_lut.cpp's one-token lookup), two or more the tiled one: each is judged by
+    # the nearest entry measured on its own path where there is one (a 2-token product by the 4-token entry)
+    same_path = [n for n in t if (n == 1) == (tokens == 1)] or list(t)
+    nearest = min(same_path, key=lambda n: abs(n - tokens) / max(n, tokens))
     min_bound, min_elems = t[nearest]
     return "lut" if flop_bound(out, in_flat, m, k, g) >= min_bound and out * in_flat >= min_elems else "reference"
