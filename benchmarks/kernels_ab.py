@@ -124,7 +124,7 @@ def compare_conv(x: torch.Tensor, w: torch.Tensor, kcb: torch.Tensor, kscale: to
     """`compare` for a square 3x3 KAQ convolution (stride 1, padding 1), each kernel reading the patches
     from the image itself (`aq_conv2d`, both revisions from 2e5461a on)."""
     (base_ext, base_codes, base_block), (ext, codes, block) = base, here
-    conv = (3, 3, 1, 1, 1, 1, 1, 1)  # kh, kw, stride, padding, dilation
+    conv = (3, 3, 1, 1, 1, 1, 1, 1)  # kh, kw, sh, sw, ph, pw, dh, dw
     fns = {"fp32_dense": lambda: F.conv2d(x, w, None, 1, 1),
            "base_lut": lambda: base_ext.aq_conv2d(x, kcb, base_codes, kscale, None, *conv, base_block),
            "lut": lambda: ext.aq_conv2d(x, kcb, codes, kscale, None, *conv, block)}
@@ -213,8 +213,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown layer(s) {unknown}; choose linears from {sorted(LINEARS)} and convolutions "
                          f"from {sorted(CONVS)}")
-    if (args.cold or args.token_major or args.lookups) and convs:
-        raise SystemExit("--cold, --token-major and --lookups time linears only; leave out --convs")
+    if (args.token_major or args.lookups) and convs:
+        raise SystemExit("--token-major and --lookups time linears only; leave out --convs")
     t0 = time.time()
     base, base_colmajor, base_block = build_revision(args.base)
     here = cpu.load_extension()
@@ -253,10 +253,10 @@ def main() -> None:
                            F.conv2d(x, dequantize_additive(codes, cb, scale).reshape(w.shape), None, 1, 1)
                            ) if args.mixed else None
                 row = compare_conv(x, w, kcb, kscale, (base, base_codes, base_block),
-                                   (here, colmajor, cpu.BLOCK_COLUMNS), args.reps, None, disturb)
+                                   (here, colmajor, cpu.BLOCK_COLUMNS), args.reps, flush, disturb)
                 rows.append({"layer": name, "in": ch * 9, "out": ch, "config": cfg, "batch": batch,
                              "tokens": batch * hw * hw, **row})
-                report(name, cfg, batch * hw * hw, row, False, args.mixed)
+                report(name, cfg, batch * hw * hw, row, flush is not None, args.mixed)
     result = {"provenance": provenance(), "base": args.base, "threads": args.threads, "reps": args.reps,
               "mixed": args.mixed,
               "cold_flush_bytes": None if flush is None else flush.numel() * 4,
