@@ -423,26 +423,23 @@ def tune_kernels(quick, reps, out, show, model_dir, batch, rounds):
     from diffquant.kernels import cpu, dispatch, tune
     from diffquant.provenance import cpu_key, cpu_model, git_commit
 
-    if model_dir is not None and not show:
+    if not show:
         if not cpu.available():
             raise ValueError("the CPU lookup-table kernel could not be built here (install g++ and ninja); "
                              "AQ layers use the reference path, so there is nothing to tune")
-        if batch < 1 or rounds < 1:
-            raise ValueError(f"--batch and --rounds must be at least 1 (got {batch} and {rounds})")
-        _tune_in_place(model_dir, batch, rounds, out or tune.user_thresholds_path())
-        dispatch.reload_thresholds()
-    elif not show:
-        if not cpu.available():
-            raise ValueError("the CPU lookup-table kernel could not be built here (install g++ and ninja); "
-                             "AQ layers use the reference path, so there is nothing to tune")
-        click.echo(f"measuring the lookup kernel against fp32 dense on {cpu_model()} ({cpu_key()})", err=True)
-        t0 = time.time()
-        rows = tune.measure(quick=quick, reps=reps, log=lambda m: click.echo(m, err=True))
-        path = out or tune.user_thresholds_path()
-        tune.store_entry(path, {"source": "diffquant tune-kernels" + (" --quick" if quick else ""),
-                                "commit": git_commit(), "machine": cpu_model(), "wall_s": round(time.time() - t0, 1),
-                                **tune.break_even(rows), "rows": rows})
-        click.echo(f"wrote {path}")
+        if model_dir is not None:
+            if batch < 1 or rounds < 1:
+                raise ValueError(f"--batch and --rounds must be at least 1 (got {batch} and {rounds})")
+            _tune_in_place(model_dir, batch, rounds, out or tune.user_thresholds_path())
+        else:
+            click.echo(f"measuring the lookup kernel against fp32 dense on {cpu_model()} ({cpu_key()})", err=True)
+            t0 = time.time()
+            rows = tune.measure(quick=quick, reps=reps, log=lambda m: click.echo(m, err=True))
+            path = out or tune.user_thresholds_path()
+            tune.store_entry(path, {"source": "diffquant tune-kernels" + (" --quick" if quick else ""),
+                                    "commit": git_commit(), "machine": cpu_model(),
+                                    "wall_s": round(time.time() - t0, 1), **tune.break_even(rows), "rows": rows})
+            click.echo(f"wrote {path}")
         dispatch.reload_thresholds()
     click.echo(f"thresholds in effect: {dispatch.threshold_source()}")
     for n, (bound, elems) in sorted(dispatch.thresholds().items()):
