@@ -71,13 +71,10 @@ def forwards(forward, choices: dict, rounds: int) -> dict:
 
 def zoo(unet: str, n: int):
     from diffquant.models import load
-    from diffquant.pipelines import balanced_labels, guided_output, latent_shape, meta_of
+    from diffquant.pipelines import guided_forward
 
     model, _ = load(unet)
-    meta = meta_of(model)
-    x = torch.randn(n, *latent_shape(model), generator=torch.Generator().manual_seed(0))
-    t, labels = torch.full((n,), 500, dtype=torch.long), balanced_labels(n)
-    return model, lambda: guided_output(model, x, t, labels, meta.guidance_scale, meta.null_class)
+    return model, guided_forward(model, n, 500)
 
 
 def ldm4():

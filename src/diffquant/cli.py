@@ -449,11 +449,10 @@ def tune_kernels(quick, reps, out, show, model_dir, batch, rounds):
 
 def _tune_in_place(model_dir: str, batch: int, rounds: int, path: Path) -> None:
     """`tune-kernels --model`: one guided forward at `batch` (mid-trajectory timestep) is the workload."""
-    import torch
 
     from diffquant.kernels import in_place, tune
     from diffquant.models import load
-    from diffquant.pipelines import balanced_labels, guided_output, latent_shape, meta_of
+    from diffquant.pipelines import guided_forward
     from diffquant.provenance import cpu_model, git_commit
 
     model, sched = load(model_dir)
@@ -461,15 +460,11 @@ def _tune_in_place(model_dir: str, batch: int, rounds: int, path: Path) -> None:
     if not layers:
         raise ValueError(f"{model_dir} has no additive-codebook (AQ) layers, so there is no kernel to choose; "
                          "quantize it with an AQ recipe first (e.g. `diffquant quantize mnist-unet --recipe aq-w2a8`)")
-    meta = meta_of(model)
-    x = torch.randn(batch, *latent_shape(model), generator=torch.Generator().manual_seed(0))
-    t = torch.full((batch,), sched.config.num_train_timesteps // 2, dtype=torch.long)
-    labels = balanced_labels(batch)
+    forward = guided_forward(model, batch, sched.config.num_train_timesteps // 2)
     click.echo(f"timing {len(layers)} AQ layers of {model_dir} in place, batch {batch}, "
                f"{rounds} rounds per path", err=True)
     t0 = time.time()
-    rows = in_place.measure(model, lambda: guided_output(model, x, t, labels, meta.guidance_scale, meta.null_class),
-                            rounds, progress=lambda r, n: click.echo(f"  round {r}/{n}", err=True))
+    rows = in_place.measure(model, forward, rounds, progress=lambda r, n: click.echo(f"  round {r}/{n}", err=True))
     choices = in_place.choose_per_shape(rows)
     before = in_place.summed_ms(rows, lambda r: "lut" if r["auto_pick"] == "lut" else "reference")
     after = in_place.summed_ms(rows, lambda r: choices[tuple(r["key"])])

@@ -63,6 +63,16 @@ def guided_output(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
     return uncond + guidance * (cond - uncond)
 
 
+def guided_forward(model, n: int, timestep: int, seed: int = 0) -> Callable[[], torch.Tensor]:
+    """One guided model call on `n` images of seeded noise at a fixed timestep, balanced labels, the model's own
+    guidance: a sampling step's workload without the scheduler, which kernel timing in place repeats
+    (`diffquant tune-kernels --model`, benchmarks/dispatch_accuracy.py)."""
+    meta = meta_of(model)
+    x = torch.randn(n, *latent_shape(model), generator=torch.Generator().manual_seed(seed))
+    t, labels = torch.full((n,), timestep, dtype=torch.long), balanced_labels(n)
+    return lambda: guided_output(model, x, t, labels, meta.guidance_scale, meta.null_class)
+
+
 def guided_ddim_step(model, scheduler, x: torch.Tensor, t, labels: torch.Tensor, guidance: float,
                      null_class: int) -> torch.Tensor:
     """One deterministic guided DDIM step x_t -> x_prev, in the caller's grad mode (calibration and
